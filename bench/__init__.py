@@ -1,0 +1,1 @@
+"""`make bench`: benchmarks printed as a table and written to bench-results.json."""

@@ -1,0 +1,148 @@
+"""Command line: `mape-daemon SUBCOMMAND`. Every failure is one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from ipaddress import IPv4Network, IPv6Address, IPv6Network
+
+from . import rules
+from .mapcalc import IidLayout, MapError, MapParams, Rule, compute
+
+EXIT_USAGE = 2  # argparse's own code for bad arguments; also bad input to calc
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message is shown as is."""
+
+
+def parse_wan(text: str) -> IPv6Network | IPv6Address:
+    """An address, or a prefix (host bits allowed, as `ip addr` prints them)."""
+    try:
+        return IPv6Network(text, strict=False) if "/" in text else IPv6Address(text)
+    except ValueError as e:
+        raise UsageError(f"{text!r} is not an IPv6 address or prefix: {e}") from None
+
+
+def parse_rule(text: str, layout: IidLayout, psid_len: int | None) -> Rule:
+    """IPV6PREFIX,IPV4PREFIX,EALEN,OFFSET[,BR] as given to --rule."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) not in (4, 5):
+        raise UsageError(f"--rule {text!r}: expected IPV6PREFIX,IPV4PREFIX,EALEN,OFFSET[,BR]")
+    try:
+        return Rule(
+            ipv6_prefix=IPv6Network(parts[0]),
+            ipv4_prefix=IPv4Network(parts[1]),
+            ea_len=int(parts[2]),
+            psid_offset=int(parts[3]),
+            psid_len=psid_len,
+            br=IPv6Address(parts[4]) if len(parts) == 5 else None,
+            iid=layout,
+        )
+    except MapError as e:
+        raise UsageError(f"--rule {text!r}: {e}") from None
+    except ValueError as e:
+        raise UsageError(f"--rule {text!r}: {e}") from None
+
+
+def params_to_json(p: MapParams) -> dict:
+    r = p.rule
+    return {
+        "isp": r.isp,
+        "rule": {
+            "ipv6_prefix": str(r.ipv6_prefix),
+            "ipv4_prefix": str(r.ipv4_prefix),
+            "ea_len": r.ea_len,
+            "psid_offset": r.psid_offset,
+            "psid_len": r.k,
+        },
+        "end_user_prefix": str(p.end_user_prefix),
+        "ipv4": str(p.ipv4),
+        "psid": p.psid,
+        "psid_offset": p.psid_offset,
+        "psid_len": p.psid_len,
+        "ce_ipv6": str(p.ce_ipv6),
+        "iid": p.iid.value,
+        "br": str(p.br) if p.br else None,
+        "port_ranges": [list(rng) for rng in p.port_ranges],
+        "ports": p.ports,
+    }
+
+
+def compact_ranges(ranges: Sequence[tuple[int, int]], head: int = 3) -> str:
+    """`1376-1391, 2400-2415, 3424-3439, ..., 64864-64879` for a long port set."""
+    shown = [f"{lo}-{hi}" if hi > lo else str(lo) for lo, hi in ranges]
+    if len(shown) > head + 1:
+        shown = [*shown[:head], "...", shown[-1]]
+    return ", ".join(shown)
+
+
+def params_to_text(p: MapParams) -> str:
+    r = p.rule
+    isp = rules.ISP_NAMES.get(r.isp or "", r.isp or "explicit rule")
+    size = p.port_ranges[0][1] - p.port_ranges[0][0] + 1
+    lines = [
+        f"ISP:          {isp}",
+        f"rule:         {r.ipv6_prefix} -> {r.ipv4_prefix}, EA length {r.ea_len}, "
+        f"PSID offset {r.psid_offset}, PSID length {r.k}",
+        f"prefix:       {p.end_user_prefix}",
+        f"IPv4:         {p.ipv4}",
+        f"PSID:         {p.psid} (0x{p.psid:x})",
+        f"CE address:   {p.ce_ipv6} ({p.iid.value} interface identifier)",
+        f"BR:           {p.br or 'not given'}",
+        f"ports:        {p.ports} in {len(p.port_ranges)} block(s) of {size}",
+        f"blocks:       {compact_ranges(p.port_ranges)}",
+    ]
+    if r.isp in rules.UNVERIFIED:
+        lines.append(f"warning:      the {r.isp} rules are unverified")
+    return "\n".join(lines)
+
+
+def cmd_calc(args: argparse.Namespace) -> int:
+    wan = parse_wan(args.prefix)
+    layout_override = IidLayout(args.iid) if args.iid else None
+    if args.rule:
+        if args.isp != "auto":
+            raise UsageError("give --rule or --isp, not both")
+        rule = parse_rule(args.rule, layout_override or IidLayout.RFC7597, args.psid_len)
+    else:
+        rule = rules.bundled().match(wan, None if args.isp == "auto" else args.isp)
+    params = compute(rule, wan, psid=args.psid, layout=layout_override)
+    print(json.dumps(params_to_json(params)) if args.json else params_to_text(params))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mape-daemon", description="MAP-E (RFC 7597) for Linux routers")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    calc = sub.add_parser("calc", help="compute MAP-E parameters for a WAN prefix or address")
+    calc.add_argument("prefix", metavar="PREFIX_OR_ADDRESS", help="e.g. 2400:4050:1234:5600::/56 or an address")
+    calc.add_argument("--isp", default="auto", choices=["auto", *rules.ISP_NAMES], help="bundled rule table to use")
+    calc.add_argument("--rule", help="explicit rule IPV6PREFIX,IPV4PREFIX,EALEN,OFFSET[,BR]")
+    calc.add_argument("--psid-len", type=int, help="PSID length when --rule's EA bits carry no PSID")
+    calc.add_argument("--psid", type=int, help="provisioned PSID when the EA bits carry none")
+    calc.add_argument(
+        "--iid",
+        choices=[layout.value for layout in IidLayout],
+        help="interface-identifier layout (default: draft03 for bundled rules, rfc7597 for --rule)",
+    )
+    calc.add_argument("--json", action="store_true", help="print one JSON object")
+    calc.set_defaults(func=cmd_calc, error_exit=EXIT_USAGE)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, MapError) as e:
+        print(f"mape-daemon {args.command}: {e}", file=sys.stderr)
+        return args.error_exit
+
+
+if __name__ == "__main__":
+    sys.exit(main())

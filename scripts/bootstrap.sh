@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what `make test` and `make demo` need on a Debian 12 machine, only what is missing:
+# Debian packages (build deps of systemd-python, iptables, and the lab's kernel, qemu and ISP
+# tools), then a .venv in the checkout with the project installed editable. Idempotent and
+# quick when everything is there (stamp files keyed on the inputs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  gcc pkg-config libsystemd-dev python3-dev python3-venv  # systemd-python builds from source
+  iproute2 iptables conntrack                             # the kernel tools the daemon drives
+  qemu-system-x86 linux-image-amd64 busybox-static        # the lab VM (tests/lab)
+  radvd ppp pppoe                                         # the lab's simulated ISP
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null | grep -qx installed || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "bootstrap: installing Debian packages: ${missing[*]}"
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+stamp=.venv/.bootstrap-$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  echo "bootstrap: creating .venv and installing mape-daemon (editable) with its test tools"
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test]'
+  rm -f .venv/.bootstrap-*
+  touch "$stamp"
+fi
