@@ -40,7 +40,10 @@ def run() -> list[dict]:
     prefixes = sample_prefixes(N)
     table = rules.bundled()
     results = []
-    for name, match in (("calc: indexed rule match (ours)", table.match), ("calc: linear scan (baseline)", linear_match)):
+    for name, match in (
+        ("calc: indexed rule match (ours)", table.match),
+        ("calc: linear scan (baseline)", linear_match),
+    ):
         t0 = time.perf_counter()
         out = [compute(match(p), p) for p in prefixes]
         dt = time.perf_counter() - t0

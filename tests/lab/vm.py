@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import glob
-import selectors
 import gzip
 import hashlib
 import os
 import re
+import selectors
 import shlex
 import shutil
 import subprocess

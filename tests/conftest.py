@@ -1,0 +1,144 @@
+"""Where kernel tests run.
+
+Tests under tests/kernel/ need ip6tnl, ppp and friends. When this kernel can create an ip6tnl (a
+user's Debian box, as root) they run here, in-process. Otherwise (the build machines and CI) all
+of them run in ONE boot of the lab VM, and each shows up here as a proxy item carrying the
+outcome it had inside. A kernel test that is skipped in the VM, or that the VM never ran, fails:
+a missing lab is a failure, never a pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+INSIDE_LAB = os.environ.get("MAPE_LAB_INSIDE") == "1"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@cache
+def host_kernel_lacks() -> str | None:
+    """Why this kernel cannot run the kernel tests, or None when it can."""
+    if os.geteuid() != 0:
+        return "not root"
+    ns = f"mape-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+        r = subprocess.run(
+            ["ip", "-n", ns, "link", "add", "p0", "type", "ip6tnl", "mode", "ipip6", "local", "::1", "remote", "::2"],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode:
+            return f"no ip6tnl ({r.stderr.strip()})"
+        if subprocess.run(["modprobe", "-q", "ppp_generic"]).returncode:
+            return "no ppp"
+        return None
+    except (OSError, subprocess.CalledProcessError) as e:
+        return f"cannot probe: {e}"
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "kernel" in item.path.relative_to(ROOT).parts:
+            item.add_marker(pytest.mark.kernel)
+    if INSIDE_LAB:
+        return
+    kernel = [i for i in items if i.get_closest_marker("kernel")]
+    if not kernel or host_kernel_lacks() is None:
+        return
+    runner = LabRun(config, [i.nodeid for i in kernel])
+    items[:] = [LabProxy.from_parent(i.parent, name=i.name, runner=runner) if i in kernel else i for i in items]
+
+
+class LabRun:
+    """One VM boot running every selected kernel test; results shared by the proxies."""
+
+    def __init__(self, config, nodeids: list[str]):
+        self.config, self.nodeids = config, nodeids
+        self.results: dict[str, dict] | None = None
+        self.error = ""
+
+    def get(self) -> dict[str, dict]:
+        if self.results is None:
+            self.results = self._run()
+        return self.results
+
+    def _run(self) -> dict[str, dict]:
+        from tests.lab import vm
+
+        vm.CACHE.mkdir(exist_ok=True)
+        report = vm.CACHE / f"report-{uuid.uuid4().hex[:8]}.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "tests.lab.report",
+            "-q",
+            "--color=no",
+            *self.nodeids,
+        ]
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        tw = self.config.get_terminal_writer()
+
+        def echo(line: str) -> None:
+            with capman.global_and_fixture_disabled():
+                tw.write(f"lab| {line}")
+                tw.flush()
+
+        echo(f"booting the lab VM for {len(self.nodeids)} kernel test(s) (this kernel: {host_kernel_lacks()})\n")
+        try:
+            result = vm.run(cmd, timeout=1500, echo=echo, env={"MAPE_LAB_REPORT": str(report)})
+        except vm.LabError as e:
+            self.error = f"the lab VM could not start: {e}"
+            return {}
+        try:
+            results = json.loads(report.read_text())
+        except (OSError, ValueError):
+            results = {}
+        finally:
+            report.unlink(missing_ok=True)
+        if result.status not in (0, 1) or not results:
+            tail = "".join(result.output.splitlines(keepends=True)[-40:])
+            self.error = f"the lab VM run ended with status {result.status}:\n{tail}"
+        return results
+
+
+class LabProxy(pytest.Item):
+    def __init__(self, *, runner: LabRun, **kw):
+        super().__init__(**kw)
+        self.runner = runner
+        self.add_marker(pytest.mark.kernel)
+
+    def runtest(self) -> None:
+        outcome = self.runner.get().get(self.nodeid)
+        if outcome is None:
+            raise LabFailure(f"{self.nodeid} did not run in the lab VM. {self.runner.error}")
+        if outcome["outcome"] == "skipped":
+            raise LabFailure(f"kernel test skipped in the lab (a lab gap, not a pass): {outcome['text']}")
+        if outcome["outcome"] != "passed":
+            raise LabFailure(outcome["text"])
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, LabFailure):
+            return f"[in the lab VM]\n{excinfo.value}"
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.name} [lab VM]"
+
+
+class LabFailure(Exception):
+    pass

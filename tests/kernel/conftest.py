@@ -1,0 +1,28 @@
+"""Fixtures for kernel tests: a fresh simulated ISP per test, torn down whatever happens."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.lab.topo import Lab
+
+
+@pytest.fixture
+def lab(tmp_path, request):
+    lab = Lab(tmp_path)
+    try:
+        lab.up()
+        yield lab
+    finally:
+        if getattr(request.node, "rep_call_failed", False):
+            for log in sorted(tmp_path.glob("*.log")):
+                print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
+        lab.down()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    if rep.when == "call" and rep.failed:
+        item.rep_call_failed = True
+    return rep

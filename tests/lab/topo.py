@@ -1,0 +1,271 @@
+"""The simulated ISP around the router, each role in its own network namespace.
+
+    lan (client .10, server .20, console .55) --lan0-- ce (the router) --wan0-- isp --inet0-- inet
+                                                      ce2 --wan0----------/  (BR, radvd, PPPoE AC)
+
+- isp: access network. radvd announces the WAN /64 (the router configures itself by SLAAC, as
+  behind an ONU) and can renumber. The BR lives here: one ip6tnl per expected CE (so it only
+  decapsulates from that CE address), replies demultiplexed to the CE by destination IPv4 and
+  PSID bits of the port, and a per-CE chain that counts and drops out-of-set source ports
+  (RFC 7597 section 8.1). pppoe-server on the same wire gives the router a real ppp0.
+- inet: 203.0.113.10, servers that record what they see (tests.lab.traffic).
+The BR's numbers come from tests.lab.mapping, never from the daemon's mapcalc.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from . import netns, traffic
+from .mapping import OCN, LabCE, LabRule, map_prefix
+
+SERVER = "203.0.113.10"
+ISP_INET, INET_ISP = "198.51.100.1", "198.51.100.2"
+LAN_GW, LAN_CLIENT, LAN_SERVER, LAN_CONSOLE = "192.168.1.1", "192.168.1.10", "192.168.1.20", "192.168.1.55"
+PPP_LOCAL, PPP_REMOTE = "100.64.0.1", "100.64.0.10"
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 30, what: str = "condition", every: float = 0.2):
+    """Poll `cond` until it returns something truthy; never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def _write_sysctls(values: dict[str, str]) -> None:
+    for key, value in values.items():
+        Path("/proc/sys", key.replace(".", "/")).write_text(value)
+
+
+class Lab:
+    def __init__(self, workdir: Path, rule: LabRule = OCN, wan_prefix: str = "2400:4050:1234:5600::/64"):
+        self.dir = workdir
+        self.rule = rule
+        tag = f"mt{os.getpid() % 100000}"
+        self.ce, self.ce2, self.isp, self.lan, self.inet = (f"{tag}{r}" for r in ("ce", "ce2", "isp", "lan", "inet"))
+        self.prefixes = [wan_prefix]
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.pids: list[int] = []
+        self.br_ces: dict[str, int] = {}  # CE address -> BR tunnel index
+        self.server_log = workdir / "server.jsonl"
+
+    # --- building -------------------------------------------------------------------------
+    def up(self, pppoe: bool = False) -> Lab:
+        for ns in (self.ce, self.isp, self.lan, self.inet):
+            netns.sh(None, "ip", "netns", "add", ns)
+            netns.sh(ns, "ip", "link", "set", "lo", "up")
+        self.sysctl(self.isp, {
+            "net.ipv6.conf.all.forwarding": "1", "net.ipv4.ip_forward": "1",
+            "net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0",
+        })  # fmt: skip
+        # A router has forwarding on, so it takes router advertisements only with accept_ra=2; set
+        # before wan0 exists so its router solicitation at link-up gets an answer at once.
+        self.sysctl(self.ce, {
+            "net.ipv6.conf.all.forwarding": "1", "net.ipv4.ip_forward": "1",
+            "net.ipv6.conf.default.accept_ra": "2", "net.ipv6.conf.default.autoconf": "1",
+        })  # fmt: skip
+        self.veth(self.ce, "wan0", self.isp, "ce0")
+        self.veth(self.ce, "lan0", self.lan, "eth0")
+        self.veth(self.isp, "inet0", self.inet, "eth0")
+        with IPRoute(netns=self.isp) as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=self.rule.br, prefixlen=128)
+            ce0 = ipr.link_lookup(ifname="ce0")[0]
+            ipr.addr("add", index=ce0, address=self._isp_addr(self.prefixes[0]), prefixlen=64, flags=0x02)
+            ipr.addr("add", index=ipr.link_lookup(ifname="inet0")[0], address=ISP_INET, prefixlen=24)
+            ipr.route("add", dst="203.0.113.0/24", gateway=INET_ISP)
+        with IPRoute(netns=self.inet) as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname="eth0")[0], address=INET_ISP, prefixlen=24)
+            ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=SERVER, prefixlen=32)
+            ipr.route("add", dst="0.0.0.0/0", gateway=ISP_INET)
+        with IPRoute(netns=self.lan) as ipr:
+            eth0 = ipr.link_lookup(ifname="eth0")[0]
+            for a in (LAN_CLIENT, LAN_SERVER, LAN_CONSOLE):
+                ipr.addr("add", index=eth0, address=a, prefixlen=24)
+            ipr.route("add", dst="0.0.0.0/0", gateway=LAN_GW)
+        with IPRoute(netns=self.ce) as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname="lan0")[0], address=LAN_GW, prefixlen=24)
+        self.pids.append(netns.spawn(self.inet, traffic.serve, str(self.server_log), SERVER))
+        self.start_radvd()
+        if pppoe:
+            self.start_pppoe()
+        wait_for(lambda: self.wan_addresses(), 60, "the router's SLAAC address")
+        return self
+
+    def veth(self, ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
+        with IPRoute(netns=ns_a) as ipr:
+            ipr.link("add", ifname=if_a, kind="veth", peer={"ifname": if_b, "net_ns_fd": ns_b})
+            ipr.link("set", index=ipr.link_lookup(ifname=if_a)[0], state="up")
+        with IPRoute(netns=ns_b) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname=if_b)[0], state="up")
+
+    def sysctl(self, ns: str, values: dict[str, str]) -> None:
+        netns.call(ns, _write_sysctls, values)
+
+    @staticmethod
+    def _isp_addr(prefix64: str) -> str:
+        return prefix64.split("/")[0].rstrip(":") + "::1"
+
+    # --- router advertisements and renumbering --------------------------------------------
+    def _radvd_conf(self) -> str:
+        blocks = []
+        for i, p in enumerate(self.prefixes):
+            deprecated = i < len(self.prefixes) - 1
+            life = "AdvPreferredLifetime 0; AdvValidLifetime 600;" if deprecated else ""
+            blocks.append(f"  prefix {p} {{ AdvOnLink on; AdvAutonomous on; {life} }};")
+        body = "\n".join(blocks)
+        return f"interface ce0 {{\n  AdvSendAdvert on;\n  MinRtrAdvInterval 3;\n  MaxRtrAdvInterval 4;\n{body}\n}};\n"
+
+    def start_radvd(self) -> None:
+        conf = self.dir / "radvd.conf"
+        conf.write_text(self._radvd_conf())
+        conf.chmod(0o644)
+        log = open(self.dir / "radvd.log", "ab")  # noqa: SIM115 - the process keeps it
+        self.procs["radvd"] = netns.popen(
+            self.isp, "radvd", "-n", "-C", str(conf), "-p", str(self.dir / "radvd.pid"), "-m", "stderr",
+            stdout=log, stderr=log,
+        )  # fmt: skip
+
+    def renumber(self, new_prefix64: str) -> None:
+        """Announce `new_prefix64` and deprecate the ones before it (preferred lifetime 0)."""
+        with IPRoute(netns=self.isp) as ipr:
+            ce0 = ipr.link_lookup(ifname="ce0")[0]
+            ipr.addr("add", index=ce0, address=self._isp_addr(new_prefix64), prefixlen=64, flags=0x02)
+        self.prefixes.append(new_prefix64)
+        (self.dir / "radvd.conf").write_text(self._radvd_conf())
+        self.procs["radvd"].send_signal(signal.SIGHUP)
+
+    def wan_addresses(self, ns: str | None = None) -> list[dict]:
+        """Global addresses on the router's wan0: address, prefixlen, deprecated, tentative."""
+        with IPRoute(netns=ns or self.ce) as ipr:
+            idx = ipr.link_lookup(ifname="wan0")[0]
+            out = []
+            for a in ipr.get_addr(family=10, index=idx):
+                if a["scope"] != 0:
+                    continue
+                info = a.get_attr("IFA_CACHEINFO")
+                flags = a.get_attr("IFA_FLAGS") or a["flags"]
+                out.append({
+                    "address": a.get_attr("IFA_ADDRESS"), "prefixlen": a["prefixlen"],
+                    "deprecated": bool(info and info["ifa_preferred"] == 0), "tentative": bool(flags & 0x40),
+                })  # fmt: skip
+            return out
+
+    # --- the border relay -------------------------------------------------------------------
+    def br_add_ce(self, ce: LabCE) -> str:
+        """Serve `ce` at the BR; returns the name of its per-CE counting chain."""
+        n = self.br_ces.setdefault(ce.ce_draft03, len(self.br_ces) + 1)
+        tun, mark, chain = f"b{n}", str(100 + n), f"BRCE{n}"
+        netns.sh(self.isp, "ip", "link", "add", tun, "type", "ip6tnl", "mode", "ipip6", "local", self.rule.br,
+                 "remote", ce.ce_draft03, "encaplimit", "none")  # fmt: skip
+        netns.sh(self.isp, "ip", "link", "set", tun, "up")
+        self.sysctl(self.isp, {f"net.ipv4.conf.{tun}.rp_filter": "0"})
+        netns.sh(self.isp, "ip", "route", "add", f"{ce.ipv4}/32", "dev", tun, "table", mark)
+        netns.sh(self.isp, "ip", "rule", "add", "fwmark", mark, "table", mark, "priority", mark)
+        m = 16 - ce.offset - ce.psid_len
+        mask, val = ((1 << ce.psid_len) - 1) << m, ce.psid << m
+        low = 1 << (16 - ce.offset)  # ports below this (A = 0) are in nobody's set
+        dport, sport, icmp_id = (
+            f"0>>22&0x3C@0&{mask:#x}={val:#x}",
+            f"0>>22&0x3C@0>>16&{mask:#x}={val:#x}",
+            (f"0>>22&0x3C@4>>16&{mask:#x}={val:#x}"),
+        )
+        lines = [
+            "*mangle",
+            *(f"-A PREROUTING -i inet0 -d {ce.ipv4} -p {p} -m u32 --u32 {u} -j MARK --set-mark {mark}"
+              for p, u in (("tcp", dport), ("udp", dport), ("icmp", icmp_id))),
+            "COMMIT",
+            "*filter",
+            f":{chain} - [0:0]",
+            f"-A FORWARD -i {tun} -j {chain}",
+            *(f"-A {chain} -s {ce.ipv4} -p {p} --sport {low}:65535 -m u32 --u32 {sport} -j RETURN"
+              for p in ("tcp", "udp")),
+            f"-A {chain} -s {ce.ipv4} -p icmp -m u32 --u32 0>>22&0x3C@4>>16={low}:65535&&{icmp_id} -j RETURN",
+            # ICMP errors the CE sends (port unreachable, ...) carry no port of their own.
+            *(f"-A {chain} -s {ce.ipv4} -p icmp --icmp-type {t} -j RETURN"
+              for t in ("destination-unreachable", "time-exceeded", "parameter-problem")),
+            f"-A {chain} -j DROP",
+            "COMMIT",
+        ]  # fmt: skip
+        netns.sh(self.isp, "iptables-legacy-restore", "--noflush", input="\n".join(lines) + "\n")
+        return chain
+
+    def br_dropped(self, chain: str) -> int:
+        """Packets the BR dropped from a CE for an out-of-set source port or a foreign source."""
+        out = netns.sh(self.isp, "iptables-legacy", "-t", "filter", "-L", chain, "-v", "-x", "-n")
+        last = [line for line in out.splitlines() if line.strip()][-1].split()
+        assert last[2] == "DROP", out
+        return int(last[0])
+
+    def ce_params(self, prefix: str | None = None) -> LabCE:
+        return map_prefix(self.rule, prefix or self.prefixes[-1])
+
+    # --- PPPoE --------------------------------------------------------------------------------
+    def start_pppoe(self) -> None:
+        """The access concentrator on the same wire as IPv6 (as on NTT NGN), then the router's pppd."""
+        for mod in ("ppp_generic", "pppoe"):
+            netns.sh(None, "modprobe", mod)
+        opts = self.dir / "pppoe-server-options"
+        opts.write_text("noauth\nlcp-echo-interval 5\nlcp-echo-failure 3\nnodefaultroute\n")
+        log = open(self.dir / "pppoe.log", "ab")  # noqa: SIM115
+        self.procs["pppoe-server"] = netns.popen(
+            self.isp, "pppoe-server", "-F", "-I", "ce0", "-k", "-L", PPP_LOCAL, "-R", PPP_REMOTE, "-N", "4",
+            "-O", str(opts), stdout=log, stderr=log,
+        )  # fmt: skip
+        with IPRoute(netns=self.inet) as ipr:
+            ipr.route("add", dst="100.64.0.0/24", gateway=ISP_INET)
+        self.start_pppd()
+
+    def start_pppd(self) -> None:
+        log = open(self.dir / "pppd.log", "ab")  # noqa: SIM115
+        self.procs["pppd"] = netns.popen(
+            self.ce, "pppd", "plugin", "pppoe.so", "nic-wan0", "noauth", "nodetach", "unit", "0", "ifname", "ppp0",
+            "user", "lab", "nodefaultroute", "noipdefault", "usepeerdns", "persist", "maxfail", "0", "holdoff", "1",
+            stdout=log, stderr=log,
+        )  # fmt: skip
+
+    def ppp_up(self) -> bool:
+        out = netns.sh(self.ce, "ip", "-4", "-o", "addr", "show", "dev", "ppp0", check=False)
+        return PPP_REMOTE in out
+
+    # --- teardown ---------------------------------------------------------------------------
+    def down(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        for ns in (self.ce, self.ce2, self.isp, self.lan, self.inet):
+            netns.sh(None, "ip", "netns", "del", ns, check=False)
+
+    def add_ce2(self, prefix64: str) -> None:
+        """A second router on its own wire, for the BR's shared-IPv4 tests."""
+        netns.sh(None, "ip", "netns", "add", self.ce2)
+        netns.sh(self.ce2, "ip", "link", "set", "lo", "up")
+        self.veth(self.ce2, "wan0", self.isp, "ce1")
+        with IPRoute(netns=self.isp) as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname="ce1")[0], address=self._isp_addr(prefix64), prefixlen=64,
+                     flags=0x02)  # fmt: skip
+        own = prefix64.split("/")[0].rstrip(":") + "::2"
+        netns.sh(self.ce2, "ip", "-6", "addr", "add", f"{own}/64", "dev", "wan0", "nodad")
+        netns.sh(self.ce2, "ip", "-6", "route", "add", "default", "via", self._isp_addr(prefix64), "dev", "wan0")

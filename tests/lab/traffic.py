@@ -1,0 +1,118 @@
+"""Servers that record every peer they see, and clients; run inside namespaces via tests.lab.netns.
+
+The servers answer with the peer address and port as they saw it ("ip port"), and append one JSON
+line per TCP connection, UDP datagram and ICMP echo request to a log, for assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import selectors
+import socket
+import struct
+import time
+from pathlib import Path
+
+TCP_PORT, UDP_PORT = 80, 7
+ECHO_REQUEST = 8
+
+
+def serve(log_path: str, address: str = "0.0.0.0") -> None:
+    log = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+
+    def record(**event) -> None:
+        log.write(json.dumps(event) + "\n")
+
+    sel = selectors.DefaultSelector()
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind((address, TCP_PORT))
+    tcp.listen(4096)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind((address, UDP_PORT))
+    icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)  # sees copies of echo requests
+    for s in (tcp, udp, icmp):
+        sel.register(s, selectors.EVENT_READ)
+    while True:
+        for key, _ in sel.select():
+            s = key.fileobj
+            if s is tcp:
+                conn, (ip, port) = tcp.accept()
+                record(proto="tcp", src=ip, sport=port, dst=conn.getsockname()[0])
+                conn.sendall(f"{ip} {port}\n".encode())
+                sel.register(conn, selectors.EVENT_READ)  # held open until the client closes
+            elif s is udp:
+                _, (ip, port) = udp.recvfrom(2048)
+                record(proto="udp", src=ip, sport=port)
+                udp.sendto(f"{ip} {port}\n".encode(), (ip, port))
+            elif s is icmp:
+                pkt, (ip, _) = icmp.recvfrom(2048)
+                ihl = (pkt[0] & 0x0F) * 4
+                kind, _code, _sum, ident = struct.unpack("!BBHH", pkt[ihl : ihl + 6])
+                if kind == ECHO_REQUEST:
+                    record(proto="icmp", src=ip, sport=ident)
+            else:
+                if not s.recv(1024):
+                    sel.unregister(s)
+                    s.close()
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def tcp_sequential(dst: str, n: int, port: int = TCP_PORT, timeout: float = 5, source: str | None = None) -> list:
+    """n connections one after the other; each result is the server's view "ip port" or an error."""
+    out = []
+    for _ in range(n):
+        try:
+            with socket.create_connection(
+                (dst, port), timeout=timeout, source_address=(source, 0) if source else None
+            ) as s:
+                out.append(s.makefile().readline().strip())
+        except OSError as e:
+            out.append(f"error: {e}")
+    return out
+
+
+def tcp_concurrent(dst: str, n: int, port: int = TCP_PORT, timeout: float = 20) -> list:
+    """n connections held open at once (non-blocking connects, then all answers)."""
+    socks, out = [], []
+    sel = selectors.DefaultSelector()
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.connect_ex((dst, port))
+        socks.append(s)
+        sel.register(s, selectors.EVENT_READ)
+    answers: dict[socket.socket, str] = {}
+    deadline = time.monotonic() + timeout
+    while len(answers) < n and time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=0.5):
+            s = key.fileobj
+            try:
+                answers[s] = s.recv(100).decode().strip() or "error: closed"
+            except OSError as e:
+                answers[s] = f"error: {e}"
+            sel.unregister(s)
+    for s in socks:
+        out.append(answers.get(s, "error: timeout"))
+        s.close()
+    return out
+
+
+def udp_query(dst: str, port: int = UDP_PORT, timeout: float = 3) -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(b"hello", (dst, port))
+        try:
+            return s.recv(100).decode().strip()
+        except OSError as e:
+            return f"error: {e}"
+
+
+def udp_from_port(dst: str, sport: int, port: int = UDP_PORT) -> None:
+    """One datagram from a chosen source port (for the BR's out-of-set check); no answer awaited."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("0.0.0.0", sport))
+        s.sendto(b"probe", (dst, port))
