@@ -9,9 +9,13 @@ from collections.abc import Sequence
 from ipaddress import IPv4Network, IPv6Address, IPv6Network
 
 from . import rules
+from .config import DEFAULT_PATH, Config, ConfigError, load
+from .errors import MapeError
 from .mapcalc import IidLayout, MapError, MapParams, Rule, compute
 
+EXIT_FAILURE = 1  # the kernel refused or something else went wrong at run time
 EXIT_USAGE = 2  # argparse's own code for bad arguments; also bad input to calc
+EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus=78 stops a restart loop
 
 
 class UsageError(Exception):
@@ -114,6 +118,61 @@ def cmd_calc(args: argparse.Namespace) -> int:
     return 0
 
 
+def make_reconciler(config: Config):
+    from .kernel import LinuxKernel, make_firewall
+    from .reconciler import Reconciler
+
+    return Reconciler(config, LinuxKernel(make_firewall(config.firewall.backend)))
+
+
+def describe_selection(result_or_computed) -> str:
+    sel = result_or_computed.selection
+    if sel.params is None:
+        return f"no MAP-E parameters: {sel.reason}"
+    p = sel.params
+    isp = rules.ISP_NAMES.get(p.rule.isp or "", "explicit rule")
+    return f"{isp}: {p.ipv4} psid {p.psid}, {p.ports} ports, CE {p.ce_ipv6} (from {sel.source.address})"
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load(args.file or args.config)
+    print(
+        f"{args.file or args.config}: ok (WAN {config.wan.interface}, ISP {config.isp.name}, "
+        f"tunnel {config.tunnel.name}, PPPoE {'on' if config.pppoe else 'off'})"
+    )
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    computed = make_reconciler(load(args.config)).compute()
+    print(describe_selection(computed))
+    print(computed.plan)
+    return 0
+
+
+def _apply(args: argparse.Namespace, teardown: bool) -> int:
+    result = make_reconciler(load(args.config)).sync(teardown=teardown)
+    if not teardown:
+        print(describe_selection(result))
+    print(result.plan)
+    if result.error is not None:
+        done = f"{result.applied} of {len(result.plan.actions)} changes applied"
+        print(f"mape-daemon {args.command}: {result.error} ({done}; run again to retry)", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{len(result.plan.actions)} change(s), {result.writes} kernel write(s) in {result.seconds * 1000:.0f} ms")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    if not args.once:
+        raise UsageError("apply needs --once (the daemon is `mape-daemon run`)")
+    return _apply(args, teardown=False)
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    return _apply(args, teardown=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mape-daemon", description="MAP-E (RFC 7597) for Linux routers")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -130,7 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="interface-identifier layout (default: draft03 for bundled rules, rfc7597 for --rule)",
     )
     calc.add_argument("--json", action="store_true", help="print one JSON object")
-    calc.set_defaults(func=cmd_calc, error_exit=EXIT_USAGE)
+    calc.set_defaults(func=cmd_calc)
+
+    def with_config(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("-c", "--config", default=str(DEFAULT_PATH), help=f"config file (default {DEFAULT_PATH})")
+        p.set_defaults(func=func)
+        return p
+
+    check = with_config("check-config", "validate a config file and exit", cmd_check_config)
+    check.add_argument("file", nargs="?", help="the file to check (default: --config)")
+    with_config("plan", "print what a sync would change, change nothing", cmd_plan)
+    apply = with_config("apply", "apply the desired state once and exit", cmd_apply)
+    apply.add_argument("--once", action="store_true", help="one sync, then exit")
+    with_config("cleanup", "remove everything of ours (tunnel, addresses, routes, rules, chains)", cmd_cleanup)
     return parser
 
 
@@ -139,9 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except ConfigError as e:
+        print(f"mape-daemon {args.command}: bad config: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     except (UsageError, MapError) as e:
         print(f"mape-daemon {args.command}: {e}", file=sys.stderr)
-        return args.error_exit
+        return EXIT_USAGE
+    except MapeError as e:
+        print(f"mape-daemon {args.command}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""Config + MAP-E parameters -> the kernel state we want. Pure: no I/O.
+
+No parameters (no usable WAN prefix) means nothing of ours at all.
+"""
+
+from __future__ import annotations
+
+from .config import Config
+from .mapcalc import MapParams
+from .state import NOTHING, Address, Chain, Jump, Route, RoutingRule, State, Sysctl, Tunnel
+
+SNAT_CHAIN = "MAPE-SNAT"
+SUB_CHAIN = {"tcp": "MAPE-SNAT-TCP", "udp": "MAPE-SNAT-UDP", "icmp": "MAPE-SNAT-ICMP"}
+
+
+def pool_ranges(params: MapParams, reserved: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
+    """The port set as contiguous ranges, with reserved ports (port forwards) cut out."""
+    out = []
+    for lo, hi in params.port_ranges:
+        start = lo
+        for r_lo, r_hi in sorted(reserved):
+            if r_hi < start or r_lo > hi:
+                continue
+            if r_lo > start:
+                out.append((start, r_lo - 1))
+            start = max(start, r_hi + 1)
+        if start <= hi:
+            out.append((start, hi))
+    return out
+
+
+def snat_rules(proto: str, ipv4: str, ranges: list[tuple[int, int]]) -> tuple[str, ...]:
+    """Terminating SNAT rules that spread new connections round-robin over every range.
+
+    Rule i takes every (N-i)th connection that reaches it, so each of N consecutive connections
+    lands in a different range; the last rule takes all that is left, so nothing leaves unSNATed.
+    (N rules that all say --every N skew the spread and let connections through unSNATed.)"""
+    n = len(ranges)
+    rules = []
+    for i, (lo, hi) in enumerate(ranges):
+        to = f"{ipv4}:{lo}-{hi}" if hi > lo else f"{ipv4}:{lo}"
+        nth = f"-m statistic --mode nth --every {n - i} --packet 0 " if i < n - 1 else ""
+        rules.append(f"-p {proto} {nth}-j SNAT --to-source {to}")
+    return tuple(rules)
+
+
+def build(config: Config, params: MapParams | None, links: frozenset[str] = frozenset()) -> State:
+    """The whole desired state. `links` are the interfaces that exist now (ppp0 may come late)."""
+    if params is None:
+        return NOTHING
+    t, wan = config.tunnel, config.wan.interface
+    ipv4 = str(params.ipv4)
+    assert params.br is not None, "a rule without a BR address cannot drive a tunnel"
+    tunnel = Tunnel(t.name, str(params.ce_ipv6), str(params.br), wan, t.mtu, t.hop_limit)
+    addresses = {Address(wan, str(params.ce_ipv6), 128), Address(t.name, ipv4, 32)}
+    routes: set[Route] = set()
+    if config.route.default:
+        routes.add(Route("default", t.name, 254, config.route.metric))
+    rules: set[RoutingRule] = set()
+    sysctls: set[Sysctl] = set()
+
+    ranges = pool_ranges(params, config.snat.reserved_ranges())
+    chains = [
+        Chain("nat", SNAT_CHAIN, tuple(f"-p {p} -j {SUB_CHAIN[p]}" for p in config.snat.protocols)),
+        *(Chain("nat", SUB_CHAIN[p], snat_rules(p, ipv4, ranges)) for p in config.snat.protocols),
+        # Protocols without ports (GRE, ESP, ...) cannot cross MAP-E: drop and count them.
+        Chain("filter", "MAPE-FWD", (*(f"-p {p} -j RETURN" for p in config.snat.protocols), "-j DROP")),
+    ]
+    jumps = [
+        Jump("nat", "POSTROUTING", f"-o {t.name} -j {SNAT_CHAIN}"),
+        Jump("filter", "FORWARD", f"-o {t.name} -j MAPE-FWD"),
+    ]
+    if config.mss.clamp:
+        chains.append(
+            Chain(
+                "mangle",
+                "MAPE-MSS",
+                (
+                    f"-o {t.name} -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --clamp-mss-to-pmtu",
+                    f"-i {t.name} -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss {t.mtu - 40}",
+                ),
+            )
+        )
+        jumps.append(Jump("mangle", "FORWARD", "-j MAPE-MSS"))
+
+    if (ppp := config.pppoe) is not None:
+        mark = f"{ppp.fwmark:#x}/{ppp.mask:#x}"
+        pbr: list[str] = []
+        if ppp.mark_incoming:
+            pbr.append(f"-i {ppp.interface} -j CONNMARK --set-xmark {mark}")
+        pbr += [
+            f"-i {lan} -j CONNMARK --restore-mark --nfmask {ppp.mask:#x} --ctmask {ppp.mask:#x}"
+            for lan in ppp.lan_interfaces
+        ]
+        pbr += [f"-s {host} -j MARK --set-xmark {mark}" for host in ppp.hosts]
+        pbr.append(f"! -i {ppp.interface} -j MAPE-PBR-OTHER")
+        chains += [
+            Chain("mangle", "MAPE-PBR", tuple(pbr)),
+            # What has no ports leaves by PPPoE, which carries any protocol.
+            Chain(
+                "mangle",
+                "MAPE-PBR-OTHER",
+                (*(f"-p {p} -j RETURN" for p in ("tcp", "udp", "icmp")), f"-j MARK --set-xmark {mark}"),
+            ),
+            Chain(
+                "mangle", "MAPE-PBR-OUT", (f"-j CONNMARK --restore-mark --nfmask {ppp.mask:#x} --ctmask {ppp.mask:#x}",)
+            ),
+        ]
+        jumps += [Jump("mangle", "PREROUTING", "-j MAPE-PBR"), Jump("mangle", "OUTPUT", "-j MAPE-PBR-OUT")]
+        if ppp.masquerade:
+            chains.append(Chain("nat", "MAPE-PPP", ("-j MASQUERADE",)))
+            jumps.append(Jump("nat", "POSTROUTING", f"-o {ppp.interface} -j MAPE-PPP"))
+        # Marked traffic still reaches other LAN subnets: main's routes but its default come first.
+        rules.add(RoutingRule(ppp.rule_priority - 1, ppp.fwmark, ppp.mask, 254, suppress_prefixlength=0))
+        rules.add(RoutingRule(ppp.rule_priority, ppp.fwmark, ppp.mask, ppp.table))
+        if ppp.interface in links:
+            routes.add(Route("default", ppp.interface, ppp.table, 0))
+        if ppp.rp_filter == "loose":
+            sysctls |= {
+                Sysctl(f"net.ipv4.conf.{i}.rp_filter", "2") for i in (ppp.interface, *ppp.lan_interfaces) if i in links
+            }
+
+    return State(
+        tunnel=tunnel,
+        addresses=frozenset(addresses),
+        routes=frozenset(routes),
+        rules=frozenset(rules),
+        sysctls=frozenset(sysctls),
+        chains=frozenset(chains),
+        jumps=tuple(sorted(jumps)),
+    )

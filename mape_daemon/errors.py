@@ -1,0 +1,13 @@
+"""Errors, classified once: retrying a terminal error cannot help, a retryable one may pass."""
+
+
+class MapeError(Exception):
+    """Something the user should read: the message names the problem."""
+
+
+class TerminalError(MapeError):
+    """Retrying will not help until the user changes something (config, kernel, a name clash)."""
+
+
+class RetryableError(MapeError):
+    """A kernel call failed in a way that may pass (busy lock, a link that is going away)."""

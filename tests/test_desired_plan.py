@@ -1,0 +1,163 @@
+"""The pure layers: config -> desired state -> plan, with golden expectations."""
+
+from __future__ import annotations
+
+from ipaddress import IPv6Address
+from pathlib import Path
+
+import pytest
+
+from mape_daemon import desired, rules
+from mape_daemon.config import parse
+from mape_daemon.mapcalc import compute
+from mape_daemon.plan import ConntrackFlush, FirewallChange, NetAction, diff
+from mape_daemon.state import NOTHING, Jump, Tunnel
+
+GOLDEN = Path(__file__).with_name("golden")
+OCN = compute(rules.bundled().match(IPv6Address("2400:4050:1234:5600::1")), IPv6Address("2400:4050:1234:5600::1"))
+BASE = '[wan]\ninterface = "wan0"\n'
+PPPOE = BASE + '[pppoe]\nlan_interfaces = ["lan0"]\nhosts = ["192.168.1.55/32"]\n'
+
+
+def chain(state, name):
+    return next(c for c in state.chains if c.name == name)
+
+
+def test_snat_rules_spread_over_every_block_with_every_n_down_to_a_catch_all():
+    state = desired.build(parse(BASE), OCN)
+    tcp = chain(state, "MAPE-SNAT-TCP").rules
+    assert len(tcp) == 63
+    assert tcp[0] == "-p tcp -m statistic --mode nth --every 63 --packet 0 -j SNAT --to-source 153.240.72.209:1376-1391"
+    assert (
+        tcp[61] == "-p tcp -m statistic --mode nth --every 2 --packet 0 -j SNAT --to-source 153.240.72.209:63840-63855"
+    )
+    assert tcp[62] == "-p tcp -j SNAT --to-source 153.240.72.209:64864-64879"
+    for proto in ("UDP", "ICMP"):
+        assert len(chain(state, f"MAPE-SNAT-{proto}").rules) == 63
+    assert sum(len(c.rules) for c in state.chains if c.name.startswith("MAPE-SNAT-")) == 189
+
+
+def test_round_robin_of_the_nth_rules_gives_every_block_once_per_n_connections():
+    """Simulate the statistic match: each rule counts the packets that reach it."""
+    rules_ = chain(desired.build(parse(BASE), OCN), "MAPE-SNAT-TCP").rules
+    every = [int(r.split("--every ")[1].split()[0]) if "--every" in r else 1 for r in rules_]
+    seen = [0] * len(every)
+    hits = [0] * len(every)
+    for _ in range(63 * 3):
+        for i, n in enumerate(every):
+            seen[i] += 1
+            if (seen[i] - 1) % n == 0:
+                hits[i] += 1
+                break
+    assert hits == [3] * 63
+
+
+def test_reserved_ports_are_carved_out_of_their_blocks():
+    cfg = parse(BASE + '[snat]\nreserved_ports = [1380, "2400-2405", 3439]\n')
+    ranges = desired.pool_ranges(OCN, cfg.snat.reserved_ranges())
+    assert ranges[:4] == [(1376, 1379), (1381, 1391), (2406, 2415), (3424, 3438)]
+    assert sum(hi - lo + 1 for lo, hi in ranges) == 1008 - 1 - 6 - 1
+    tcp = chain(desired.build(cfg, OCN), "MAPE-SNAT-TCP").rules
+    assert len(tcp) == 64 and "--every 64 " in tcp[0]
+
+
+def test_tunnel_addresses_and_default_route():
+    state = desired.build(parse(BASE), OCN)
+    assert state.tunnel == Tunnel("ip6tnl1", "2400:4050:1234:5600:99:f048:d100:1600", "2001:380:a120::9", "wan0",
+                                  1460, 64)  # fmt: skip
+    assert {a.describe() for a in state.addresses} == {
+        "address 2400:4050:1234:5600:99:f048:d100:1600/128 dev wan0 nodad noprefixroute",
+        "address 153.240.72.209/32 dev ip6tnl1",
+    }
+    assert [r.describe() for r in state.routes] == ["route default dev ip6tnl1 metric 0 proto 203"]
+    assert Jump("nat", "POSTROUTING", "-o ip6tnl1 -j MAPE-SNAT") in state.jumps
+    assert chain(state, "MAPE-FWD").rules == ("-p tcp -j RETURN", "-p udp -j RETURN", "-p icmp -j RETURN", "-j DROP")
+
+
+def test_pppoe_waits_for_its_interface():
+    cfg = parse(PPPOE)
+    without = desired.build(cfg, OCN, frozenset({"wan0", "lan0"}))
+    assert not any(r.dev == "ppp0" for r in without.routes)
+    assert {s.key for s in without.sysctls} == {"net.ipv4.conf.lan0.rp_filter"}
+    with_ppp = desired.build(cfg, OCN, frozenset({"wan0", "lan0", "ppp0"}))
+    assert any(r.dev == "ppp0" and r.table == 10 for r in with_ppp.routes)
+    assert {s.key for s in with_ppp.sysctls} == {"net.ipv4.conf.lan0.rp_filter", "net.ipv4.conf.ppp0.rp_filter"}
+    assert [r.describe() for r in sorted(with_ppp.rules)] == [
+        "rule 4999: fwmark 0x3e8/0xffff lookup main suppress_prefixlength 0 proto 203",
+        "rule 5000: fwmark 0x3e8/0xffff lookup 10 proto 203",
+    ]
+
+
+def test_no_parameters_means_nothing_of_ours():
+    assert desired.build(parse(PPPOE), None) is NOTHING
+
+
+def test_golden_plan_from_nothing():
+    state = desired.build(parse(PPPOE), OCN, frozenset({"wan0", "lan0", "ppp0"}))
+    text = str(diff(state, NOTHING)) + "\n"
+    golden = GOLDEN / "plan-ocn-pppoe.txt"
+    assert text == golden.read_text(), "plan output changed; if on purpose, regenerate tests/golden"
+
+
+def test_converged_plan_is_empty_and_teardown_undoes_everything():
+    state = desired.build(parse(PPPOE), OCN, frozenset({"wan0", "lan0", "ppp0"}))
+    assert not diff(state, state)
+    teardown = diff(NOTHING, state)
+    kinds = [type(a) for a in teardown.actions]
+    assert NetAction in kinds and FirewallChange in kinds
+    fw = [a for a in teardown.actions if isinstance(a, FirewallChange)]
+    assert {n for a in fw for n in a.delete} == {c.name for c in state.chains}
+    assert teardown.actions[-1] == ConntrackFlush("153.240.72.209")
+    # The tunnel goes whole: its address and route vanish with it and are not deleted one by one.
+    net = [str(a) for a in teardown.actions if isinstance(a, NetAction)]
+    assert "- address 153.240.72.209/32 dev ip6tnl1" not in net
+    assert any(line.startswith("- tunnel ip6tnl1") for line in net)
+
+
+def test_changed_tunnel_is_recreated_and_its_objects_readded():
+    cfg = parse(BASE)
+    old = desired.build(cfg, OCN)
+    new_params = compute(OCN.rule, IPv6Address("2400:4050:1234:5700::1"))  # same IPv4, PSID 23
+    new = desired.build(cfg, new_params)
+    plan = [str(a) for a in diff(new, old).actions]
+    assert plan[0] == "- address 2400:4050:1234:5600:99:f048:d100:1600/128 dev wan0 nodad noprefixroute"
+    assert plan[1].startswith("- tunnel ip6tnl1")
+    assert plan[2].startswith("+ tunnel ip6tnl1") and "local 2400:4050:1234:5700:99:f048:d100:1700" in plan[2]
+    assert "+ address 153.240.72.209/32 dev ip6tnl1" in plan
+    assert "+ route default dev ip6tnl1 metric 0 proto 203" in plan
+    assert not any("conntrack" in line for line in plan)  # same IPv4: its connections stay
+
+
+def test_mtu_change_is_made_in_place():
+    old = desired.build(parse(BASE), OCN)
+    new = desired.build(parse(BASE + "[tunnel]\nmtu = 1400\n"), OCN)
+    plan = diff(new, old)
+    assert [a.op for a in plan.actions if isinstance(a, NetAction)] == ["set-mtu"]
+
+
+def test_duplicate_jump_is_removed_once():
+    state = desired.build(parse(BASE), OCN)
+    jump = Jump("nat", "POSTROUTING", "-o ip6tnl1 -j MAPE-SNAT")
+    doubled = type(state)(**{**state.__dict__, "jumps": (*state.jumps, jump)})
+    (change,) = diff(state, doubled).actions
+    assert change.del_jumps == (jump,) and not change.replace and not change.add_jumps
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[wan]\ninterface = "wan0"\nbogus = 1\n', "wan.bogus: unknown key"),
+        ("[tunnel]\n", "wan: Field required"),
+        (BASE + "[tunnel]\nmtu = 99999\n", "tunnel.mtu"),
+        (BASE + '[isp]\nname = "explicit"\n', "give [isp.rule] exactly when"),
+        (BASE + '[snat]\nreserved_ports = ["9-2"]\n', "bad port or range"),
+        (BASE + "[pppoe]\nfwmark = 0x10000\nmask = 0xffff\n", "bits outside mask"),
+        (BASE + '[tunnel]\nname = "wan0"\n', "are the same interface"),
+        ("[wan\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key(text, message):
+    from mape_daemon.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        parse(text, "test.toml")
