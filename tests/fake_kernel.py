@@ -55,11 +55,15 @@ class FakeKernel:
     def drop_slaac(self) -> None:
         self.wan_addrs = [w for w in self.wan_addrs if w.ours_shape]
 
+    def apply_del_tunnel(self, name: str) -> None:
+        """Someone deletes the tunnel by hand (with it go its addresses and routes)."""
+        self._net(NetAction("del", self.tunnels[name]))
+
     def snapshot(self) -> tuple:
+        tables = [sorted((k, tuple(v)) for k, v in d.items()) for d in (self.chains, self.builtin)]
         return (
             sorted(self.links), sorted(self.wan_addrs, key=str), sorted(self.tunnels.items()), sorted(self.addresses),
-            sorted(self.routes.items()), sorted(self.rules.items()), sorted(self.sysctl.items()),
-            sorted((k, tuple(v)) for k, v in self.chains.items()), sorted((k, tuple(v)) for k, v in self.builtin.items()),
+            sorted(self.routes.items()), sorted(self.rules.items()), sorted(self.sysctl.items()), *tables,
         )  # fmt: skip
 
     # --- the port ---------------------------------------------------------------------------
