@@ -39,8 +39,8 @@ class FakeKernel:
         self.routes: dict[Route, int] = {}  # route -> protocol
         self.rules: dict[RoutingRule, int] = {}
         self.sysctl: dict[str, str] = {}
-        self.chains: dict[tuple[str, str], list[str]] = {}
-        self.builtin: dict[tuple[str, str], list[str]] = {}
+        self.fw = FakeFirewall()
+        self.chains, self.builtin = self.fw.chains, self.fw.builtin
         self.flushed: list[str] = []
         self.writes = 0
 
@@ -95,7 +95,7 @@ class FakeKernel:
         if isinstance(action, ConntrackFlush):
             self.flushed.append(action.ipv4)
         elif isinstance(action, FirewallChange):
-            self._firewall(action)
+            self.fw.apply(action)
         else:
             self._net(action)
 
@@ -145,7 +145,27 @@ class FakeKernel:
             self._need_link(obj.key.split(".")[3])
             self.sysctl[obj.key] = obj.value
 
-    def _firewall(self, ch: FirewallChange) -> None:
+
+class FakeFirewall:
+    """The netfilter part: our chains and the built-in chains' rules, as iptables-save text."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.chains: dict[tuple[str, str], list[str]] = {}
+        self.builtin: dict[tuple[str, str], list[str]] = {}
+        self.writes = 0
+
+    def normalize(self, chains, jumps):
+        return chains, jumps
+
+    def observe(self) -> tuple[frozenset[Chain], tuple[Jump, ...]]:
+        chains = frozenset(Chain(t, n, tuple(r)) for (t, n), r in self.chains.items() if n.startswith(CHAIN_PREFIX))
+        jumps = tuple(Jump(t, c, r) for (t, c), rules in sorted(self.builtin.items()) for r in rules if "-j MAPE-" in r)
+        return chains, jumps
+
+    def apply(self, ch: FirewallChange) -> None:
+        self.writes += 1
         t = ch.table
         for j in ch.del_jumps:
             self.builtin[(t, j.chain)].remove(j.rule)
@@ -157,3 +177,24 @@ class FakeKernel:
             self.chains[(t, c.name)] = list(c.rules)
         for j in ch.add_jumps:
             self.builtin.setdefault((t, j.chain), []).insert(0, j.rule)
+
+    def iptables(self, *args: str) -> None:
+        """The few iptables commands the contract tests use to damage or decorate a table."""
+        table, op, chain, *rule = args[1], args[2], args[3], *args[4:]
+        key = (table, chain)
+        store = self.builtin if chain in BUILTIN else self.chains
+        if op == "-N":
+            self.chains[key] = []
+        elif op == "-A":
+            store.setdefault(key, []).append(" ".join(rule))
+        elif op == "-F":
+            store[key] = []
+        else:
+            raise ValueError(f"fake iptables does not do {op}")
+
+    def foreign(self) -> list[str]:
+        lines = [f"{t} -A {c} {r}" for (t, c), rules in self.builtin.items() for r in rules if "MAPE-" not in r]
+        lines += [f"{t} -A {c} {r}" for (t, c), rules in self.chains.items() for r in rules
+                  if not c.startswith(CHAIN_PREFIX)]  # fmt: skip
+        lines += [f"{t} :{c}" for (t, c) in self.chains if not c.startswith(CHAIN_PREFIX)]
+        return sorted(lines)

@@ -103,6 +103,13 @@ def render(rule: iptc.Rule) -> str:
 
 @lru_cache(maxsize=4096)
 def normal(text: str) -> str:
+    """The normal form of rule text. A jump to one of our chains cannot be built before the
+    chain exists (libiptc resolves it), so its matches are normalised and the jump kept as is."""
+    head, sep, target = text.rpartition(" -j ")
+    if sep and target.startswith(CHAIN_PREFIX) and " " not in target:
+        return f"{render(build(head))} -j {target}".lstrip()
+    if text.startswith("-j ") and text[3:].startswith(CHAIN_PREFIX):
+        return text
     return render(build(text))
 
 
