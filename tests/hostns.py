@@ -16,16 +16,25 @@ from tests.lab.netns import CLONE_NEWNET, _libc, setns
 
 
 @contextmanager
-def fresh_netns() -> Iterator[str]:
-    name = f"mape-t-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+def inside(name: str) -> Iterator[str]:
+    """This thread (and what it starts) in namespace `name` until the block ends."""
     home = os.open("/proc/self/ns/net", os.O_RDONLY)
     try:
         setns(name)
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
         yield name
     finally:
         if _libc.setns(home, CLONE_NEWNET) != 0:
             raise OSError("could not return to the original network namespace")
         os.close(home)
+
+
+@contextmanager
+def fresh_netns() -> Iterator[str]:
+    name = f"mape-t-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        with inside(name):
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+            yield name
+    finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)

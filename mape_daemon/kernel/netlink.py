@@ -108,7 +108,7 @@ class Netlink:
         names = {v: k for k, v in links.items()}
         out = []
         for family, fam in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
-            for r in self.ipr.get_routes(family=family, table=0):  # table 0: every table
+            for r in self.ipr.get_routes(family=family):  # no table given: every table
                 if r["proto"] != RT_PROTO:
                     continue
                 dst = r.get_attr("RTA_DST")
@@ -221,7 +221,7 @@ class Netlink:
             "family": socket.AF_INET,
         }
         if r.suppress_prefixlength >= 0:
-            kw["suppress_prefixlength"] = r.suppress_prefixlength
+            kw["suppress_prefixlen"] = r.suppress_prefixlength
         self._call(OK_ON_ADD if op == "add" else OK_ON_DEL, f"{op} {r.describe()}", self.ipr.rule, op, **kw)
 
     def set_sysctl(self, s: Sysctl) -> None:

@@ -17,7 +17,7 @@ TCP_PORT, UDP_PORT = 80, 7
 ECHO_REQUEST = 8
 
 
-def serve(log_path: str, address: str = "0.0.0.0") -> None:
+def serve(log_path: str, address: str = "0.0.0.0", tcp_port: int = TCP_PORT) -> None:
     log = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
 
     def record(**event) -> None:
@@ -26,7 +26,7 @@ def serve(log_path: str, address: str = "0.0.0.0") -> None:
     sel = selectors.DefaultSelector()
     tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    tcp.bind((address, TCP_PORT))
+    tcp.bind((address, tcp_port))
     tcp.listen(4096)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind((address, UDP_PORT))

@@ -1,0 +1,88 @@
+"""The reconciler contract against the real kernel, in the router's namespace of the lab."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from mape_daemon.kernel import LinuxKernel, make_firewall
+from tests import reconciler_contract as contract
+from tests.hostns import inside
+
+
+def run(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+class RealWorld:
+    def __init__(self, backend: str):
+        self.binary = "iptables-legacy" if backend == "iptables-legacy" else "iptables-nft"
+        self.kernel = LinuxKernel(make_firewall(backend))
+
+    def damage(self, what: str) -> None:
+        if what == "tunnel-deleted":
+            run("ip", "link", "del", "ip6tnl1")
+        elif what == "tunnel-remote-changed":
+            run("ip", "-6", "tunnel", "change", "ip6tnl1", "mode", "ipip6", "remote", "2001:db8::1")
+        elif what == "snat-flushed":
+            run(self.binary, "-t", "nat", "-F", "MAPE-SNAT")
+        elif what == "fwmark-rule-deleted":
+            run("ip", "rule", "del", "priority", "5000")
+
+    def add_foreign(self) -> None:
+        run("ip", "route", "add", "198.18.0.0/24", "dev", "lan0", "table", "20", "proto", "static")
+        run("ip", "rule", "add", "fwmark", "1000", "table", "20", "priority", "100")  # a foreign fwmark rule
+        run(self.binary, "-t", "nat", "-N", "USER-NAT")
+        run(self.binary, "-t", "nat", "-A", "POSTROUTING", "-o", "ppp0", "-j", "MASQUERADE")
+
+    def foreign(self):
+        save = [
+            line
+            for line in run(f"{self.binary}-save").splitlines()
+            if ("USER-NAT" in line or "MASQ" in line) and "MAPE-" not in line
+        ]
+        return run("ip", "route", "show", "table", "20"), run("ip", "rule", "show", "priority", "100"), save
+
+    def leftovers(self) -> list[str]:
+        left = [f"link {line}" for line in run("ip", "-o", "link", "show").splitlines() if "ip6tnl1" in line]
+        left += [f"addr {line}" for line in run("ip", "-o", "-6", "addr", "show", "dev", "wan0").splitlines()
+                 if contract.CE in line]  # fmt: skip
+        left += [f"route {line}" for line in run("ip", "route", "show", "table", "all", "proto", "203").splitlines()]
+        left += [
+            f"route6 {line}" for line in run("ip", "-6", "route", "show", "table", "all", "proto", "203").splitlines()
+        ]
+        left += [f"rule {line}" for line in run("ip", "-d", "rule", "show").splitlines() if "proto 203" in line]
+        left += [f"netfilter {line}" for line in run(f"{self.binary}-save").splitlines() if "MAPE-" in line]
+        return left
+
+
+@pytest.fixture
+def world(lab):
+    lab.br_add_ce(lab.ce_params())
+    with inside(lab.ce):
+        yield RealWorld("auto")
+
+
+def test_converge_then_noop(world):
+    contract.check_converge_then_noop(world, contract.config())
+
+
+@pytest.mark.parametrize("what", sorted(contract.DRIFT))
+def test_drift_repaired_alone(world, what):
+    contract.check_drift_repaired_alone(world, contract.config(), what)
+
+
+def test_foreign_untouched(world):
+    contract.check_foreign_untouched(world, contract.config())
+
+
+def test_primitives_are_idempotent(world):
+    contract.check_primitives_are_idempotent(world, contract.config())
+
+
+def test_legacy_backend_converges_then_noops(lab):
+    with inside(lab.ce):
+        world = RealWorld("iptables-legacy")
+        contract.check_converge_then_noop(world, contract.config("iptables-legacy"))
+        assert "MAPE-SNAT-TCP" in run("iptables-legacy-save", "-t", "nat")

@@ -1,0 +1,102 @@
+"""The reconciler contract, run against the fake kernel (tests/test_reconciler_contract_fake.py)
+and the real one in the lab (tests/kernel/test_reconciler_contract_real.py): the same assertions,
+so the fake cannot drift from what the kernel does."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from mape_daemon.config import Config, parse
+from mape_daemon.plan import FirewallChange, NetAction
+from mape_daemon.reconciler import KernelPort, Reconciler
+
+CONFIG_TEXT = '[wan]\ninterface = "wan0"\n[pppoe]\nlan_interfaces = ["lan0"]\nhosts = ["192.168.1.55/32"]\n'
+CE = "2400:4050:1234:5600:99:f048:d100:1600"
+
+
+class World(Protocol):
+    kernel: KernelPort
+
+    def damage(self, what: str) -> None: ...
+    def add_foreign(self) -> None: ...
+    def foreign(self) -> object: ...
+    def leftovers(self) -> list[str]: ...
+
+
+def config(backend: str = "auto") -> Config:
+    return parse(CONFIG_TEXT + f'[firewall]\nbackend = "{backend}"\n')
+
+
+def kinds(plan) -> set[str]:
+    out = set()
+    for a in plan.actions:
+        if isinstance(a, FirewallChange):
+            out.add(a.table)
+        elif isinstance(a, NetAction):
+            out.add(type(a.obj).__name__.lower())
+        else:
+            out.add("conntrack")
+    return out
+
+
+def converge(world: World, cfg: Config) -> Reconciler:
+    r = Reconciler(cfg, world.kernel)
+    result = r.sync()
+    assert result.ok, result.error
+    assert result.params is not None and str(result.params.ce_ipv6) == CE
+    return r
+
+
+def check_converge_then_noop(world: World, cfg: Config) -> None:
+    r = converge(world, cfg)
+    second = r.sync()
+    assert second.ok and not second.plan, str(second.plan)
+    assert second.writes == 0
+
+
+DRIFT = {
+    "tunnel-deleted": {"tunnel", "address", "route"},
+    "tunnel-remote-changed": {"tunnel", "address", "route"},
+    "snat-flushed": {"nat"},
+    "fwmark-rule-deleted": {"routingrule"},
+}
+
+
+def check_drift_repaired_alone(world: World, cfg: Config, what: str) -> None:
+    r = converge(world, cfg)
+    world.damage(what)
+    result = r.sync()
+    assert result.ok, result.error
+    assert kinds(result.plan) == DRIFT[what], str(result.plan)
+    assert r.sync().writes == 0
+
+
+def check_foreign_untouched(world: World, cfg: Config) -> None:
+    world.add_foreign()
+    before = world.foreign()
+    r = converge(world, cfg)
+    assert world.foreign() == before, (world.foreign(), before)
+    assert r.sync(teardown=True).ok
+    assert world.foreign() == before, (world.foreign(), before)
+    left = world.leftovers()
+    assert left == [], left
+
+
+def check_primitives_are_idempotent(world: World, cfg: Config) -> None:
+    """Every action applied twice (add twice, delete twice) is no error, and a sync converges."""
+    r = Reconciler(cfg, world.kernel)
+    plan = r.compute().plan
+    for action in plan.actions:
+        world.kernel.apply(action)
+        if isinstance(action, NetAction):
+            world.kernel.apply(action)
+    first = r.sync()
+    assert first.ok, first.error
+    assert not r.sync().plan, str(first.plan)
+    teardown = r.compute(teardown=True).plan
+    for action in teardown.actions:
+        world.kernel.apply(action)
+        if isinstance(action, NetAction):
+            world.kernel.apply(action)
+    left = world.leftovers()
+    assert left == [], left

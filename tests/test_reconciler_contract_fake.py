@@ -1,0 +1,73 @@
+"""The reconciler contract against the fake kernel (the same checks run in the lab VM)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mape_daemon.state import Route, RoutingRule
+from tests import reconciler_contract as contract
+from tests.fake_kernel import FakeKernel
+
+
+class FakeWorld:
+    def __init__(self):
+        self.kernel = FakeKernel(("wan0", "lan0", "ppp0"))
+        self.kernel.slaac("2400:4050:1234:5600:5054:ff:fe12:3456")
+
+    def damage(self, what: str) -> None:
+        k = self.kernel
+        if what == "tunnel-deleted":
+            k.apply_del_tunnel("ip6tnl1")
+        elif what == "tunnel-remote-changed":
+            t = k.tunnels["ip6tnl1"]
+            k.tunnels["ip6tnl1"] = type(t)(**{**t.__dict__, "remote": "2001:db8::1"})
+        elif what == "snat-flushed":
+            k.fw.iptables("-t", "nat", "-F", "MAPE-SNAT")
+        elif what == "fwmark-rule-deleted":
+            k.rules.pop(next(r for r in k.rules if r.table == 10))
+
+    def add_foreign(self) -> None:
+        self.kernel.routes[Route("198.18.0.0/24", "lan0", 20)] = 4
+        self.kernel.rules[RoutingRule(100, 1000, 0xFFFFFFFF, 20)] = 0
+        self.kernel.fw.iptables("-t", "nat", "-N", "USER-NAT")
+        self.kernel.fw.iptables("-t", "nat", "-A", "POSTROUTING", "-o", "ppp0", "-j", "MASQUERADE")
+
+    def foreign(self):
+        k = self.kernel
+        return (
+            sorted((r, p) for r, p in k.routes.items() if p != 203),
+            sorted((r, p) for r, p in k.rules.items() if p != 203),
+            k.fw.foreign(),
+        )
+
+    def leftovers(self) -> list[str]:
+        k = self.kernel
+        left = [f"tunnel {n}" for n in k.tunnels]
+        left += [f"address {w.address}" for w in k.wan_addrs if w.ours_shape]
+        left += [f"route {r}" for r, p in k.routes.items() if p == 203]
+        left += [f"rule {r}" for r, p in k.rules.items() if p == 203]
+        left += [f"chain {n}" for (_, n) in k.chains if n.startswith("MAPE-")]
+        left += [f"jump {r}" for rules in k.builtin.values() for r in rules if "MAPE-" in r]
+        return left
+
+
+@pytest.fixture
+def world():
+    return FakeWorld()
+
+
+def test_converge_then_noop(world):
+    contract.check_converge_then_noop(world, contract.config())
+
+
+@pytest.mark.parametrize("what", sorted(contract.DRIFT))
+def test_drift_repaired_alone(world, what):
+    contract.check_drift_repaired_alone(world, contract.config(), what)
+
+
+def test_foreign_untouched(world):
+    contract.check_foreign_untouched(world, contract.config())
+
+
+def test_primitives_are_idempotent(world):
+    contract.check_primitives_are_idempotent(world, contract.config())
