@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 
 from tests.lab.topo import Lab
 
 
-@pytest.fixture
-def lab(tmp_path, request):
-    lab = Lab(tmp_path)
+@contextmanager
+def running_lab(tmp_path, request, **kw) -> Iterator[Lab]:
+    lab = Lab(tmp_path, **kw)
     try:
         lab.up()
         yield lab
@@ -18,6 +21,12 @@ def lab(tmp_path, request):
             for log in sorted(tmp_path.glob("*.log")):
                 print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
         lab.down()
+
+
+@pytest.fixture
+def lab(tmp_path, request):
+    with running_lab(tmp_path, request) as lab:
+        yield lab
 
 
 @pytest.hookimpl(wrapper=True)

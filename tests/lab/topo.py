@@ -220,7 +220,7 @@ class Lab:
         opts.write_text("noauth\nlcp-echo-interval 5\nlcp-echo-failure 3\nnodefaultroute\n")
         log = open(self.dir / "pppoe.log", "ab")  # noqa: SIM115
         self.procs["pppoe-server"] = netns.popen(
-            self.isp, "pppoe-server", "-F", "-I", "ce0", "-k", "-L", PPP_LOCAL, "-R", PPP_REMOTE, "-N", "4",
+            self.isp, "pppoe-server", "-F", "-I", "ce0", "-L", PPP_LOCAL, "-R", PPP_REMOTE, "-N", "4",
             "-O", str(opts), stdout=log, stderr=log,
         )  # fmt: skip
         with IPRoute(netns=self.inet) as ipr:

@@ -61,14 +61,15 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def tcp_sequential(dst: str, n: int, port: int = TCP_PORT, timeout: float = 5, source: str | None = None) -> list:
+def tcp_sequential(
+    dst: str, n: int, port: int = TCP_PORT, timeout: float = 5, source: str | None = None, sport: int = 0
+) -> list:
     """n connections one after the other; each result is the server's view "ip port" or an error."""
     out = []
+    bind = (source or "0.0.0.0", sport) if source or sport else None
     for _ in range(n):
         try:
-            with socket.create_connection(
-                (dst, port), timeout=timeout, source_address=(source, 0) if source else None
-            ) as s:
+            with socket.create_connection((dst, port), timeout=timeout, source_address=bind) as s:
                 out.append(s.makefile().readline().strip())
         except OSError as e:
             out.append(f"error: {e}")
@@ -116,3 +117,10 @@ def udp_from_port(dst: str, sport: int, port: int = UDP_PORT) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("0.0.0.0", sport))
         s.sendto(b"probe", (dst, port))
+
+
+def raw_send(dst: str, proto: int, count: int = 3) -> None:
+    """Packets of an IP protocol without ports (47 = GRE), for the no-ports path."""
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, proto) as s:
+        for _ in range(count):
+            s.sendto(b"\x00" * 8, (dst, 0))

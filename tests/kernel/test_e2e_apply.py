@@ -1,0 +1,114 @@
+"""End to end: `mape-daemon apply --once` on the lab's router, real traffic through the BR."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+
+from tests.kernel.conftest import running_lab
+from tests.lab import traffic
+from tests.lab.mapping import V6PLUS
+from tests.lab.netns import call, sh, spawn
+from tests.lab.topo import LAN_CONSOLE, LAN_SERVER, PPP_REMOTE, SERVER, wait_for
+
+CONFIG = """[wan]
+interface = "wan0"
+[pppoe]
+lan_interfaces = ["lan0"]
+hosts = ["192.168.1.55/32"]
+"""
+
+
+def mape(lab, tmp_path, *args: str, text: str = CONFIG) -> str:
+    cfg = tmp_path / "mape.toml"
+    cfg.write_text(text)
+    r = subprocess.run(
+        ["ip", "netns", "exec", lab.ce, sys.executable, "-m", "mape_daemon", *args, "-c", str(cfg)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr + r.stdout
+    return r.stdout
+
+
+def apply_once(lab, tmp_path, text: str = CONFIG) -> str:
+    return mape(lab, tmp_path, "apply", "--once", text=text)
+
+
+def block_of(ce, port: int) -> int:
+    return next(i for i, (lo, hi) in enumerate(ce.port_ranges()) if lo <= port <= hi)
+
+
+def test_ocn_every_block_used_evenly_all_ports_in_set_ping_and_noop(lab, tmp_path):
+    ce = lab.ce_params()
+    chain = lab.br_add_ce(ce)
+    out = apply_once(lab, tmp_path)
+    assert f"{ce.ipv4} psid {ce.psid}, 1008 ports" in out
+
+    n = len(ce.port_ranges())
+    answers = call(lab.lan, traffic.tcp_sequential, SERVER, n * 3)
+    assert all(not a.startswith("error") for a in answers), [a for a in answers if a.startswith("error")][:5]
+    seen = wait_for(lambda: len(s := [e for e in traffic.read_log(lab.server_log) if e["proto"] == "tcp"]) >= n * 3
+                    and s, 20, "the server's records")  # fmt: skip
+    assert {e["src"] for e in seen} == {ce.ipv4}
+    assert all(e["sport"] in ce.ports() for e in seen)
+    assert Counter(block_of(ce, e["sport"]) for e in seen) == dict.fromkeys(range(n), 3)
+
+    assert call(lab.lan, traffic.udp_query, SERVER).split()[0] == ce.ipv4
+    sh(lab.lan, "busybox", "ping", "-c", "2", "-W", "3", SERVER)
+    icmp = [e for e in traffic.read_log(lab.server_log) if e["proto"] == "icmp"]
+    assert icmp and all(e["src"] == ce.ipv4 and e["sport"] in ce.ports() for e in icmp)
+    assert lab.br_dropped(chain) == 0
+
+    assert "0 change(s), 0 kernel write(s)" in apply_once(lab, tmp_path)
+    assert "nothing to change" in mape(lab, tmp_path, "plan")
+
+    mape(lab, tmp_path, "cleanup")
+    assert "MAPE-" not in sh(lab.ce, "iptables-save")
+    assert "ip6tnl1" not in sh(lab.ce, "ip", "link")
+    assert sh(lab.ce, "ip", "route", "show", "table", "all", "proto", "203") == ""
+    assert ce.ce_draft03 not in sh(lab.ce, "ip", "-6", "addr")
+
+
+def test_v6plus_240_concurrent_connections_to_one_server_port(tmp_path, request):
+    with running_lab(tmp_path, request, rule=V6PLUS, wan_prefix="240b:10:1234:5600::/64") as lab:
+        ce = lab.ce_params()
+        chain = lab.br_add_ce(ce)
+        out = apply_once(lab, tmp_path, '[wan]\ninterface = "wan0"\n')
+        assert f"{ce.ipv4} psid {ce.psid}, 240 ports" in out
+        answers = call(lab.lan, traffic.tcp_concurrent, SERVER, 240)
+        failed = [a for a in answers if a.startswith("error")]
+        assert not failed, (len(failed), failed[:3])
+        ports = [int(a.split()[1]) for a in answers]
+        assert len(set(ports)) == 240 and set(ports) == ce.ports()
+        assert lab.br_dropped(chain) == 0
+
+
+def test_pppoe_side_by_side(lab, tmp_path):
+    ce = lab.ce_params()
+    lab.br_add_ce(ce)
+    lab.start_pppoe()
+    wait_for(lab.ppp_up, 60, "ppp0")
+    # The user's own port forward on the PPPoE address to a LAN server.
+    sh(lab.ce, "iptables", "-t", "nat", "-A", "PREROUTING", "-i", "ppp0", "-p", "tcp", "--dport", "8080",
+       "-j", "DNAT", "--to-destination", f"{LAN_SERVER}:8080")  # fmt: skip
+    lab.pids.append(spawn(lab.lan, traffic.serve, str(tmp_path / "lan-server.jsonl"), LAN_SERVER, 8080))
+    apply_once(lab, tmp_path)
+
+    # Reached on the PPPoE address, the LAN server answers via ppp0 (via the tunnel, SNATed, the
+    # reply would not match the connection and the client would get nothing).
+    answers = call(lab.inet, traffic.tcp_sequential, PPP_REMOTE, 3, 8080)
+    assert all(not a.startswith("error") for a in answers), answers
+    # The console goes out by PPPoE with its source port unchanged; other hosts by MAP-E.
+    console = call(lab.lan, traffic.tcp_sequential, SERVER, 1, 80, 5, LAN_CONSOLE, 40000)[0]
+    assert console == f"{PPP_REMOTE} 40000"
+    assert call(lab.lan, traffic.tcp_sequential, SERVER, 1)[0].split()[0] == ce.ipv4
+    # A protocol without ports (GRE here) is marked for PPPoE and never reaches the tunnel.
+    call(lab.lan, traffic.raw_send, SERVER, 47, 3)
+    assert packets(lab, "mangle", "MAPE-PBR-OTHER", "MARK") >= 3
+    assert packets(lab, "filter", "MAPE-FWD", "DROP") == 0
+
+
+def packets(lab, table: str, chain: str, target: str) -> int:
+    out = sh(lab.ce, "iptables", "-t", table, "-L", chain, "-v", "-x", "-n")
+    return sum(int(line.split()[0]) for line in out.splitlines()[2:] if line.split()[2] == target)
