@@ -1,10 +1,12 @@
 """The reconciler contract, run against the fake kernel (tests/test_reconciler_contract_fake.py)
-and the real one in the lab (tests/kernel/test_reconciler_contract_real.py): the same assertions,
-so the fake cannot drift from what the kernel does."""
+and the real one in the lab (tests/kernel/test_reconciler_contract_real.py): each of those files
+provides a `world` fixture and imports the tests below, so the fake cannot drift from the kernel."""
 
 from __future__ import annotations
 
 from typing import Protocol
+
+import pytest
 
 from mape_daemon.config import Config, parse
 from mape_daemon.plan import FirewallChange, NetAction
@@ -100,3 +102,20 @@ def check_primitives_are_idempotent(world: World, cfg: Config) -> None:
             world.kernel.apply(action)
     left = world.leftovers()
     assert left == [], left
+
+
+def test_converge_then_noop(world):
+    check_converge_then_noop(world, config())
+
+
+@pytest.mark.parametrize("what", sorted(DRIFT))
+def test_drift_repaired_alone(world, what):
+    check_drift_repaired_alone(world, config(), what)
+
+
+def test_foreign_untouched(world):
+    check_foreign_untouched(world, config())
+
+
+def test_primitives_are_idempotent(world):
+    check_primitives_are_idempotent(world, config())

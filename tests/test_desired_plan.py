@@ -161,3 +161,18 @@ def test_bad_config_names_the_key(text, message):
 
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         parse(text, "test.toml")
+
+
+def test_the_shipped_example_config_is_valid_and_documents_every_section():
+    from mape_daemon.config import Config, load
+
+    example = Path(__file__).parents[1] / "etc" / "mape.toml"
+    cfg = load(example)
+    assert cfg.wan.interface == "eth0" and cfg.pppoe is None
+    text = example.read_text()
+    for section in Config.model_fields:
+        assert f"[{section}]" in text, section
+    # The commented PPPoE section is valid too once uncommented.
+    block = text[text.index("# [pppoe]") : text.index("[daemon]")].splitlines()
+    pppoe = parse(BASE + "\n".join(line.removeprefix("# ") for line in block if line.startswith("# ")))
+    assert pppoe.pppoe is not None and str(pppoe.pppoe.hosts[0]) == "192.168.1.55/32"

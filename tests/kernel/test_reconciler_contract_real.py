@@ -9,6 +9,12 @@ import pytest
 from mape_daemon.kernel import LinuxKernel, make_firewall
 from tests import reconciler_contract as contract
 from tests.hostns import inside
+from tests.reconciler_contract import (  # noqa: F401 - the shared contract, collected here
+    test_converge_then_noop,
+    test_drift_repaired_alone,
+    test_foreign_untouched,
+    test_primitives_are_idempotent,
+)
 
 
 def run(*cmd: str) -> str:
@@ -62,23 +68,6 @@ def world(lab):
     lab.br_add_ce(lab.ce_params())
     with inside(lab.ce):
         yield RealWorld("auto")
-
-
-def test_converge_then_noop(world):
-    contract.check_converge_then_noop(world, contract.config())
-
-
-@pytest.mark.parametrize("what", sorted(contract.DRIFT))
-def test_drift_repaired_alone(world, what):
-    contract.check_drift_repaired_alone(world, contract.config(), what)
-
-
-def test_foreign_untouched(world):
-    contract.check_foreign_untouched(world, contract.config())
-
-
-def test_primitives_are_idempotent(world):
-    contract.check_primitives_are_idempotent(world, contract.config())
 
 
 def test_legacy_backend_converges_then_noops(lab):
