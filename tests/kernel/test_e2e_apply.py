@@ -59,6 +59,9 @@ def test_ocn_every_block_used_evenly_all_ports_in_set_ping_and_noop(lab, tmp_pat
     icmp = [e for e in traffic.read_log(lab.server_log) if e["proto"] == "icmp"]
     assert icmp and all(e["src"] == ce.ipv4 and e["sport"] in ce.ports() for e in icmp)
     assert lab.br_dropped(chain) == 0
+    # Without ppp0, a protocol without ports (GRE) is dropped at the tunnel, and counted.
+    call(lab.lan, traffic.raw_send, SERVER, 47, 3)
+    assert packets(lab, "filter", "MAPE-FWD", "DROP") == 3
 
     assert "0 change(s), 0 kernel write(s)" in apply_once(lab, tmp_path)
     assert "nothing to change" in mape(lab, tmp_path, "plan")
@@ -112,3 +115,33 @@ def test_pppoe_side_by_side(lab, tmp_path):
 def packets(lab, table: str, chain: str, target: str) -> int:
     out = sh(lab.ce, "iptables", "-t", table, "-L", chain, "-v", "-x", "-n")
     return sum(int(line.split()[0]) for line in out.splitlines()[2:] if line.split()[2] == target)
+
+
+def test_renumbering_moves_the_router_and_forgets_connections_to_the_old_ipv4(lab):
+    from mape_daemon.config import parse
+    from mape_daemon.kernel import LinuxKernel, make_firewall
+    from mape_daemon.reconciler import Reconciler
+    from tests.hostns import inside
+
+    old = lab.ce_params()
+    lab.br_add_ce(old)
+    with inside(lab.ce):
+        r = Reconciler(parse(CONFIG), LinuxKernel(make_firewall("auto")))
+        assert r.sync().ok
+    assert call(lab.lan, traffic.udp_query, SERVER).split()[0] == old.ipv4
+    assert old.ipv4 in sh(lab.ce, "conntrack", "-L")
+
+    lab.renumber("2400:4050:1234:9a00::/64")
+    new = lab.ce_params()
+    assert new.ipv4 != old.ipv4
+    lab.br_add_ce(new)
+    wait_for(lambda: any(a["address"].startswith("2400:4050:1234:9a00:") for a in lab.wan_addresses()), 30, "RA")
+    with inside(lab.ce):
+        result = r.sync()
+        assert result.ok, result.error
+        assert str(result.params.ipv4) == new.ipv4
+        assert r.sync().writes == 0
+    assert old.ipv4 not in sh(lab.ce, "conntrack", "-L")
+    assert old.ce_draft03 not in sh(lab.ce, "ip", "-6", "addr")
+    answer = call(lab.lan, traffic.tcp_sequential, SERVER, 1)[0]
+    assert answer.split()[0] == new.ipv4 and int(answer.split()[1]) in new.ports()
