@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap test lint demo bench clean
+.PHONY: bootstrap test lint demo bench deb clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -21,5 +21,8 @@ demo: bootstrap
 bench: bootstrap
 	$(PY) -m bench
 
+deb: bootstrap
+	@packaging/build-deb.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

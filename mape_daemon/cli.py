@@ -169,6 +169,21 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return _apply(args, teardown=False)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .service import main
+
+    return main(args.config)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .service import STATE_DIR
+    from .status import collect, to_text
+
+    state = collect(STATE_DIR, load(args.config).tunnel.name)
+    print(json.dumps(state) if args.json else to_text(state))
+    return 0 if state.get("ok") else EXIT_FAILURE
+
+
 def cmd_cleanup(args: argparse.Namespace) -> int:
     return _apply(args, teardown=True)
 
@@ -202,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("plan", "print what a sync would change, change nothing", cmd_plan)
     apply = with_config("apply", "apply the desired state once and exit", cmd_apply)
     apply.add_argument("--once", action="store_true", help="one sync, then exit")
+    with_config("run", "the daemon: watch the WAN and keep the kernel converged", cmd_run)
+    status = with_config(
+        "status", "the daemon's state: prefix, IPv4, PSID, tunnel, last sync, ports in use", cmd_status
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON object")
     with_config("cleanup", "remove everything of ours (tunnel, addresses, routes, rules, chains)", cmd_cleanup)
     return parser
 

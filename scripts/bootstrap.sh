@@ -11,6 +11,7 @@ APT_PACKAGES=(
   iproute2 iptables conntrack                             # the kernel tools the daemon drives
   qemu-system-x86 linux-image-amd64 busybox-static        # the lab VM (tests/lab)
   radvd ppp pppoe                                         # the lab's simulated ISP
+  dpkg-dev debhelper                                      # the Debian package (packaging/)
 )
 
 missing=()

@@ -85,3 +85,11 @@ def test_bad_input_exits_2_with_one_line(args, message):
 def test_bad_option_is_a_usage_error():
     r = calc("2400:4050:1234:5600::/56", "--isp", "nope")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_run_with_a_bad_config_exits_78_before_touching_anything(tmp_path):
+    bad = tmp_path / "mape.toml"
+    bad.write_text('[wan]\ninterface = "eth0"\nsurprise = true\n')
+    r = subprocess.run([sys.executable, "-m", "mape_daemon", "run", "-c", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 78
+    assert "wan.surprise: unknown key" in r.stderr and "Traceback" not in r.stderr

@@ -6,9 +6,13 @@ its KernelPort protocol, which the test fake implements too.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..errors import RetryableError
 from ..plan import Action, ConntrackFlush, FirewallChange, NetAction
 from ..state import Address, Chain, Jump, Observed, Route, RoutingRule, State, Sysctl, Tunnel
 from . import conntrack
@@ -52,6 +56,12 @@ class LinuxKernel:
         return self._net_writes + self.fw.writes
 
     def observe(self, tunnel: str, wan: str, is_ce: Callable[[str], bool]) -> Observed:
+        try:
+            return self._observe(tunnel, wan, is_ce)
+        except NetlinkError as e:  # a link vanished between two reads, typically: the next sync sees it
+            raise RetryableError(f"reading the kernel: {os.strerror(e.code)}") from None
+
+    def _observe(self, tunnel: str, wan: str, is_ce: Callable[[str], bool]) -> Observed:
         with Netlink() as nl:
             links = nl.links()
             tun = nl.tunnel(tunnel, links)

@@ -20,3 +20,26 @@ def flush_nat_to(ipv4: str) -> int:
     if r.returncode not in (0, 1):
         raise RetryableError(f"conntrack -D failed: {r.stderr.strip()}")
     return 0
+
+
+def nat_ports(ipv4: str) -> list[tuple[str, int]]:
+    """(protocol, port) of every tracked connection NATed to `ipv4`: the ports of the set in use."""
+    try:
+        r = subprocess.run(["conntrack", "-L", "--reply-dst", ipv4], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise RetryableError("conntrack is not installed (Debian package conntrack)") from None
+    return parse_nat_ports(r.stdout)
+
+
+def parse_nat_ports(text: str) -> list[tuple[str, int]]:
+    """From `conntrack -L` lines: the reply direction's destination port (or ICMP id)."""
+    out = []
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0] not in ("tcp", "udp", "icmp"):
+            continue
+        key = "id=" if words[0] == "icmp" else "dport="
+        values = [w[len(key) :] for w in words if w.startswith(key)]
+        if len(values) >= 2:  # original direction first, then the reply direction
+            out.append((words[0], int(values[-1])))
+    return out

@@ -1,0 +1,71 @@
+"""`mape-daemon status`: the daemon's state file combined with the live kernel."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+
+def port_usage(ports: list[tuple[str, int]], ranges: list[tuple[int, int]]) -> dict[str, Any]:
+    """Per protocol: ports in use out of the set, and the fullest block (the first to run out)."""
+    total = sum(hi - lo + 1 for lo, hi in ranges)
+    out: dict[str, Any] = {}
+    for proto in ("tcp", "udp", "icmp"):
+        used = {p for pr, p in ports if pr == proto}
+        per_block = Counter(next((i for i, (lo, hi) in enumerate(ranges) if lo <= p <= hi), -1) for p in used)
+        per_block.pop(-1, None)
+        fullest = max(per_block.items(), key=lambda kv: kv[1], default=None)
+        out[proto] = {
+            "in_use": len(used),
+            "of": total,
+            "fullest_block": None if fullest is None else {
+                "range": list(ranges[fullest[0]]), "in_use": fullest[1],
+                "size": ranges[fullest[0]][1] - ranges[fullest[0]][0] + 1,
+            },
+        }  # fmt: skip
+    return out
+
+
+def collect(state_dir: Path, tunnel: str) -> dict[str, Any]:
+    from .kernel import conntrack
+    from .kernel.netlink import Netlink
+    from .mapcalc import port_ranges
+
+    path = state_dir / "state.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        state = {"error": f"no state at {path}: is mape-daemon running?"}
+    with Netlink() as nl:
+        links = nl.links()
+        live = nl.tunnel(tunnel, links) if tunnel in links else None
+        up = bool(live) and nl.ipr.get_links(links[tunnel])[0].get_attr("IFLA_OPERSTATE") in ("UP", "UNKNOWN")
+    state["tunnel"] = {"name": tunnel, "present": live is not None, "up": up,
+                       "local": live.local if live else None, "remote": live.remote if live else None}  # fmt: skip
+    if state.get("ipv4") and state.get("psid") is not None:
+        ranges = list(port_ranges(state["psid"], state["psid_len"], state["psid_offset"]))
+        state["ports_in_use"] = port_usage(conntrack.nat_ports(state["ipv4"]), ranges)
+    return state
+
+
+def to_text(s: dict[str, Any]) -> str:
+    if "last_sync" not in s:
+        return s.get("error", "no state")
+    age = time.time() - s["last_sync"]
+    t = s["tunnel"]
+    lines = [
+        f"prefix:     {s['prefix'] or '-'}  ({s.get('reason') or 'ok'})",
+        f"ISP/rule:   {s['isp'] or '-'} {s['rule'] or ''}",
+        f"IPv4:       {s['ipv4'] or '-'}   PSID {s['psid'] if s['psid'] is not None else '-'}",
+        f"CE address: {s['ce_ipv6'] or '-'}",
+        f"tunnel:     {t['name']} {'up' if t['up'] else 'DOWN' if t['present'] else 'absent'}",
+        f"last sync:  {age:.0f} s ago, {'ok' if s['ok'] else 'FAILED: ' + str(s['error'])}, {s['changes']} change(s)",
+    ]
+    for proto, u in s.get("ports_in_use", {}).items():
+        fb = u["fullest_block"]
+        full = f", fullest block {fb['range'][0]}-{fb['range'][1]}: {fb['in_use']}/{fb['size']}" if fb else ""
+        lines.append(f"{proto + ':':11} {u['in_use']} of {u['of']} ports in use{full}")
+    return "\n".join(lines)
