@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 INSIDE_LAB = os.environ.get("MAPE_LAB_INSIDE") == "1"
+IN_LAB_SYSTEMD = os.environ.get("MAPE_LAB_SYSTEMD") == "1"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -47,24 +48,34 @@ def host_kernel_lacks() -> str | None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+def needs_systemd(item) -> bool:
+    return "systemd" in item.path.relative_to(ROOT).parts
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "kernel" in item.path.relative_to(ROOT).parts:
             item.add_marker(pytest.mark.kernel)
     if INSIDE_LAB:
         return
-    kernel = [i for i in items if i.get_closest_marker("kernel")]
-    if not kernel or host_kernel_lacks() is None:
-        return
-    runner = LabRun(config, [i.nodeid for i in kernel])
-    items[:] = [LabProxy.from_parent(i.parent, name=i.name, runner=runner) if i in kernel else i for i in items]
+    # Service tests install a package and drive systemd: always in a VM with systemd as PID 1.
+    systemd = [i for i in items if i.get_closest_marker("kernel") and needs_systemd(i)]
+    plain = [i for i in items if i.get_closest_marker("kernel") and not needs_systemd(i)]
+    if plain and host_kernel_lacks() is None:
+        plain = []  # this kernel can: run them here, in-process
+    runners = {}
+    if plain:
+        runners.update(dict.fromkeys(plain, LabRun(config, [i.nodeid for i in plain])))
+    if systemd:
+        runners.update(dict.fromkeys(systemd, LabRun(config, [i.nodeid for i in systemd], systemd=True)))
+    items[:] = [LabProxy.from_parent(i.parent, name=i.name, runner=runners[i]) if i in runners else i for i in items]
 
 
 class LabRun:
     """One VM boot running every selected kernel test; results shared by the proxies."""
 
-    def __init__(self, config, nodeids: list[str]):
-        self.config, self.nodeids = config, nodeids
+    def __init__(self, config, nodeids: list[str], systemd: bool = False):
+        self.config, self.nodeids, self.systemd = config, nodeids, systemd
         self.results: dict[str, dict] | None = None
         self.error = ""
 
@@ -98,9 +109,16 @@ class LabRun:
                 tw.write(f"lab| {line}")
                 tw.flush()
 
-        echo(f"booting the lab VM for {len(self.nodeids)} kernel test(s) (this kernel: {host_kernel_lacks()})\n")
+        if self.systemd:
+            echo("building the Debian package for the service tests (packaging/build-deb.sh)\n")
+            deb = subprocess.run([str(ROOT / "packaging" / "build-deb.sh")], capture_output=True, text=True)
+            if deb.returncode:
+                self.error = f"building the Debian package failed:\n{deb.stdout}{deb.stderr}"
+                return {}
+        mode = "with systemd as PID 1" if self.systemd else f"(this kernel: {host_kernel_lacks()})"
+        echo(f"booting the lab VM for {len(self.nodeids)} kernel test(s) {mode}\n")
         try:
-            result = vm.run(cmd, timeout=1500, echo=echo, env={"MAPE_LAB_REPORT": str(report)})
+            result = vm.run(cmd, timeout=1500, echo=echo, env={"MAPE_LAB_REPORT": str(report)}, systemd=self.systemd)
         except vm.LabError as e:
             self.error = f"the lab VM could not start: {e}"
             return {}
