@@ -66,3 +66,59 @@ def test_daemon_follows_renumbering_repairs_reloads_and_stops_clean(lab, tmp_pat
     assert tunnel_local(lab) is None
     assert "MAPE-" not in sh(lab.ce, "iptables-save")
     assert new.ce_draft03 not in sh(lab.ce, "ip", "-6", "addr")
+
+
+def count(text: str, needle: str) -> int:
+    return sum(1 for line in text.splitlines() if line.endswith(needle))
+
+
+def test_daemon_reload_restart_after_kill_late_ppp0_and_rapid_renumbering(lab, tmp_path):
+    cfg = tmp_path / "mape.toml"
+    cfg.write_text(CONFIG + '[pppoe]\nlan_interfaces = ["lan0"]\n')
+    env = {**os.environ, "MAPE_STATE_DIR": str(tmp_path / "run")}
+    log_path = tmp_path / "daemon.log"
+
+    def start():
+        with open(log_path, "ab") as log:
+            return popen(lab.ce, sys.executable, "-m", "mape_daemon", "run", "-c", str(cfg),
+                         stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+
+    proc = start()
+    try:
+        ce = lab.ce_params()
+        wait_for(lambda: tunnel_local(lab) == ce.ce_draft03, 120, "the first sync")
+        mtu = lambda: sh(lab.ce, "ip", "link", "show", "ip6tnl1", check=False)  # noqa: E731
+        cfg.write_text(CONFIG + '[pppoe]\nlan_interfaces = ["lan0"]\n[tunnel]\nmtu = 1400\n')
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "mtu 1400" in mtu(), 30, "the reloaded MTU")
+
+        proc.kill()  # no cleanup at all; the next start must adopt what is there
+        proc.wait(30)
+        proc = start()
+        wait_for(lambda: (tmp_path / "run" / "state.json").exists() and "mtu 1400" in mtu(), 60, "the restart")
+        wait_for(lambda: log_path.read_text().count("sync") >= 1, 60, "a sync after the restart")
+        save = sh(lab.ce, "iptables-save")
+        assert count(save, "-o ip6tnl1 -j MAPE-SNAT") == 1 and count(save, "-j MAPE-MSS") == 1, save
+        assert len(sh(lab.ce, "ip", "route", "show", "table", "all", "proto", "203").splitlines()) == 1
+
+        assert "table 10" not in sh(lab.ce, "ip", "route", "show", "table", "all", "proto", "203")
+        lab.start_pppoe()  # ppp0 appears after the daemon started
+        wait_for(lab.ppp_up, 60, "ppp0")
+        wait_for(
+            lambda: "dev ppp0" in sh(lab.ce, "ip", "route", "show", "table", "10", check=False), 30, "table 10 via ppp0"
+        )
+
+        prefixes = [f"2400:4050:12{i:02x}:5600::/64" for i in range(1, 21)]
+        for p in prefixes:
+            lab.renumber(p)
+        last = lab.ce_params()
+        wait_for(lambda: tunnel_local(lab) == last.ce_draft03, 120, "convergence on the last prefix")
+        wait_for(lambda: f"{last.ipv4}:" in sh(lab.ce, "iptables-save", "-t", "nat"), 30, "the last SNAT address")
+        ours = [line for line in sh(lab.ce, "ip", "-6", "-o", "addr", "show", "dev", "wan0").splitlines()
+                if "/128" in line]  # fmt: skip
+        assert len(ours) == 1 and last.ce_draft03 in ours[0], ours
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(120)
+    assert rc == 0, log_path.read_text()
+    assert sh(lab.ce, "ip", "route", "show", "table", "all", "proto", "203") == ""

@@ -75,6 +75,8 @@ class Lab:
         self.sysctl(self.ce, {
             "net.ipv6.conf.all.forwarding": "1", "net.ipv4.ip_forward": "1",
             "net.ipv6.conf.default.accept_ra": "2", "net.ipv6.conf.default.autoconf": "1",
+            # Twenty renumberings within an address lifetime exceed the default of 16 SLAAC addresses.
+            "net.ipv6.conf.default.max_addresses": "64",
         })  # fmt: skip
         self.veth(self.ce, "wan0", self.isp, "ce0")
         self.veth(self.ce, "lan0", self.lan, "eth0")
