@@ -52,6 +52,16 @@ def test_daemon_follows_renumbering_repairs_reloads_and_stops_clean(lab, tmp_pat
         wait_for(lambda: json.loads(state_file.read_text())["ipv4"] == new.ipv4, 30, "the state file")
         state = json.loads(state_file.read_text())
         assert (state["psid"], state["ok"], state["prefix"]) == (new.psid, True, "2400:4050:1234:9a00::/56")
+        status = subprocess.run(
+            ["ip", "netns", "exec", lab.ce, sys.executable, "-m", "mape_daemon", "status", "--json", "-c", str(cfg)],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert status.returncode == 0, status.stderr
+        live = json.loads(status.stdout)
+        assert live["tunnel"] == {"name": "ip6tnl1", "present": True, "up": True, "local": new.ce_draft03,
+                                  "remote": lab.rule.br}  # fmt: skip
+        tcp = live["ports_in_use"]["tcp"]
+        assert tcp["of"] == 1008 and tcp["in_use"] >= 1  # the connection above, in its TIME_WAIT
 
         cfg.write_text("[wan\n")  # a broken file on reload: the running config stays
         proc.send_signal(signal.SIGHUP)
