@@ -47,7 +47,8 @@ def run() -> list[dict]:
         t0 = time.perf_counter()
         out = [compute(match(p), p) for p in prefixes]
         dt = time.perf_counter() - t0
-        results.append({"name": name, "where": "host, one process", "n": len(out), "seconds": dt, "per_s": N / dt})
+        results.append({"name": name, "n": len(out), "per_s": N / dt})
     ours, base = results
-    ours["ratio_to_baseline"] = base["seconds"] / ours["seconds"]
-    return results
+    return [{"name": f"calc: {N:,} prefixes in one process", "where": "host, one process", "value": ours["per_s"],
+             "unit": "prefixes/s", "baseline": base["per_s"], "baseline_name": "linear scan of the rule table",
+             "ratio_to_baseline": ours["per_s"] / base["per_s"]}]  # fmt: skip

@@ -10,7 +10,7 @@ mkdir -p /dev/pts /dev/shm /run
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# /tmp stays on the overlay (already throw-away): a tmpfs there would hide a project checked out under /tmp.
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 run=$(sed -n 's/.*mape.run=\([^ ]*\).*/\1/p' /proc/cmdline)
 mode=$(cat "$run/mode")
