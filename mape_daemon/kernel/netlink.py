@@ -24,6 +24,7 @@ IP6_TNL_F_IGN_ENCAP_LIMIT = 0x1
 IPPROTO_IPIP, IPPROTO_IPV6 = 4, 41
 MODES = {IPPROTO_IPIP: "ipip6", IPPROTO_IPV6: "ip6ip6", 0: "any"}
 SUPPRESS_UNSET = 0xFFFFFFFF
+RT_SCOPE_NOWHERE = 255
 OK_ON_ADD = {errno.EEXIST}
 OK_ON_DEL = {errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENODEV}
 
@@ -207,7 +208,9 @@ class Netlink:
         dst = "0.0.0.0/0" if r.family == 4 and r.dst == "default" else ("::/0" if r.dst == "default" else r.dst)
         kw = {"dst": dst, "table": r.table, "priority": r.metric, "proto": RT_PROTO, "family": family}
         if op == "del":
-            self._call(OK_ON_DEL, f"delete {r.describe()}", self.ipr.route, "del", **kw)
+            # Scope "nowhere" matches any scope, as `ip route del` does: a route added by hand as
+            # `dev X` has scope link, and a delete that names another scope misses it.
+            self._call(OK_ON_DEL, f"delete {r.describe()}", self.ipr.route, "del", scope=RT_SCOPE_NOWHERE, **kw)
         else:
             self._call(set(), f"set {r.describe()}", self.ipr.route, "replace", oif=self._index(r.dev), **kw)
 
