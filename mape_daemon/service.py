@@ -14,9 +14,12 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .config import Config, ConfigError, load
+from .errors import MapeError
 from .reconciler import Reconciler, SyncResult
 from .runner import Runner, Schedule
 
@@ -87,21 +90,40 @@ def write_state(result: SyncResult) -> None:
 
 
 class Service:
-    def __init__(self, config_path: str, config: Config, reconciler: Reconciler):
-        self.path, self.reconciler = config_path, reconciler
+    def __init__(self, config_path: str, config: Config, reconciler: Reconciler, make_kernel: Callable[[Config], Any]):
+        self.path, self.reconciler, self.make_kernel = config_path, reconciler, make_kernel
         self.runner = Runner(self.sync_once, Schedule(period=config.daemon.sync_interval))
         self.ready = False
         self.last_ipv4: str | None = None
+        self.pending: Config | None = None  # a reloaded config, swapped in between two syncs
+
+    def switch_config(self, new: Config) -> None:
+        """In the worker thread, between syncs. What we own is found by tunnel name and firewall
+        backend: if either changes, remove our state under the old config before swapping."""
+        old = self.reconciler.config
+        if (old.tunnel.name, old.firewall.backend) != (new.tunnel.name, new.firewall.backend):
+            result = self.reconciler.sync(teardown=True)
+            if result.error is not None:
+                log.error("reload: removing the old tunnel/rules failed: %s", result.error)
+            self.reconciler.kernel = self.make_kernel(new)
+        self.reconciler.config = new
 
     async def sync_once(self) -> bool:
+        reloaded, self.pending = self.pending, None
+        if reloaded is not None:
+            await asyncio.to_thread(self.switch_config, reloaded)
+            self.runner.schedule.period = reloaded.daemon.sync_interval
         result = await asyncio.to_thread(self.reconciler.sync)
+        if reloaded is not None:
+            log.info("reload: %s applied", self.path)
+            notify("READY=1")
         ipv4 = str(result.params.ipv4) if result.params else None
         event = "prefix-change" if ipv4 != self.last_ipv4 else "sync"
-        if result.error is not None and not result.plan:
-            log.error("sync failed: %s (retrying)", result.error, extra=fields(result, "error"))
-        elif result.error is not None:
-            log.error("sync failed after %d of %d changes: %s (retrying)", result.applied,
-                      len(result.plan.actions), result.error, extra=fields(result, "error"))  # fmt: skip
+        # A traceback only for what we did not expect; kernel refusals are explained by their message.
+        trace = result.error if result.error is not None and not isinstance(result.error, MapeError) else None
+        if result.error is not None:
+            done = f" after {result.applied} of {len(result.plan.actions)} changes" if result.plan else ""
+            log.error("sync failed%s: %s (retrying)", done, result.error, extra=fields(result, "error"), exc_info=trace)
         elif result.plan:
             log.info("sync: %s; %d change(s), %d write(s) in %.0f ms", status_line(result), len(result.plan.actions),
                      result.writes, result.seconds * 1000, extra=fields(result, event))  # fmt: skip
@@ -119,12 +141,10 @@ class Service:
             new = load(self.path)
         except ConfigError as e:
             log.error("reload: keeping the running config: %s", e, extra={"MAPE_EVENT": "error"})
-        else:
-            self.reconciler.config = new  # takes effect at the next sync, never halfway through one
-            self.runner.schedule.period = new.daemon.sync_interval
-            self.runner.trigger()
-            log.info("reload: %s applied", self.path)
-        notify("READY=1")
+            notify("READY=1")
+            return
+        self.pending = new  # applied by the next sync (never halfway through one), which says READY=1
+        self.runner.trigger()
 
     async def watchdog(self) -> None:
         usec = int(os.environ.get("WATCHDOG_USEC", "0"))
@@ -160,5 +180,9 @@ def main(config_path: str) -> int:
 
     setup_logging()
     config = load(config_path)  # a ConfigError here exits 78 (cli)
-    reconciler = Reconciler(config, LinuxKernel(make_firewall(config.firewall.backend)))
-    return asyncio.run(Service(config_path, config, reconciler).run())
+
+    def make_kernel(cfg: Config) -> LinuxKernel:
+        return LinuxKernel(make_firewall(cfg.firewall.backend))
+
+    reconciler = Reconciler(config, make_kernel(config))
+    return asyncio.run(Service(config_path, config, reconciler, make_kernel).run())

@@ -15,8 +15,8 @@ from tests.lab.topo import SERVER, wait_for
 CONFIG = '[wan]\ninterface = "wan0"\n[daemon]\nsync_interval = 5\n'
 
 
-def tunnel_local(lab) -> str | None:
-    out = sh(lab.ce, "ip", "-d", "link", "show", "ip6tnl1", check=False)
+def tunnel_local(lab, name: str = "ip6tnl1") -> str | None:
+    out = sh(lab.ce, "ip", "-d", "link", "show", name, check=False)
     words = out.split()
     return words[words.index("local") + 1] if "local" in words else None
 
@@ -67,13 +67,20 @@ def test_daemon_follows_renumbering_repairs_reloads_and_stops_clean(lab, tmp_pat
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "keeping the running config" in log_path.read_text(), 30, "the reload to be refused")
         assert proc.poll() is None and tunnel_local(lab) == new.ce_draft03
+
+        # A good reload that renames the tunnel: the old one goes, nothing of it is left behind.
+        cfg.write_text(CONFIG + '[tunnel]\nname = "mape0"\n')
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: tunnel_local(lab, "mape0") == new.ce_draft03 and tunnel_local(lab) is None, 60, "mape0")
+        wait_for(lambda: "-o mape0 -j MAPE-SNAT" in sh(lab.ce, "iptables-save", "-t", "nat"), 30, "the new jump")
+        assert "ip6tnl1" not in sh(lab.ce, "iptables-save")
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(120)
     output = log_path.read_text()
     assert rc == 0, output
     assert "Traceback" not in output, output
-    assert tunnel_local(lab) is None
+    assert tunnel_local(lab) is None and tunnel_local(lab, "mape0") is None
     assert "MAPE-" not in sh(lab.ce, "iptables-save")
     assert new.ce_draft03 not in sh(lab.ce, "ip", "-6", "addr")
 
