@@ -45,9 +45,7 @@ def parse_rule(text: str, layout: IidLayout, psid_len: int | None) -> Rule:
             br=IPv6Address(parts[4]) if len(parts) == 5 else None,
             iid=layout,
         )
-    except MapError as e:
-        raise UsageError(f"--rule {text!r}: {e}") from None
-    except ValueError as e:
+    except ValueError as e:  # MapError included
         raise UsageError(f"--rule {text!r}: {e}") from None
 
 

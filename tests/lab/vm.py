@@ -182,7 +182,6 @@ def run(
     try:
         deadline = started + timeout
         assert proc.stdout is not None
-        os.set_blocking(proc.stdout.fileno(), True)
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
         while True:
