@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 RT_PROTO = 203  # the protocol number on our routes and rules: how we know they are ours
 CHAIN_PREFIX = "MAPE-"  # every netfilter chain we own starts with this
+TABLES = ("filter", "nat", "mangle")  # the netfilter tables we have chains in
+BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 
 
 @dataclass(frozen=True, order=True)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from mape_daemon.errors import RetryableError
 from mape_daemon.plan import Action, ConntrackFlush, FirewallChange, NetAction
 from mape_daemon.state import (
+    BUILTIN_CHAINS,
     CHAIN_PREFIX,
     RT_PROTO,
     Address,
@@ -25,8 +26,6 @@ from mape_daemon.state import (
     Tunnel,
     WanAddress,
 )
-
-BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 
 
 class FakeKernel:
@@ -182,7 +181,7 @@ class FakeFirewall:
         """The few iptables commands the contract tests use to damage or decorate a table."""
         table, op, chain, *rule = args[1], args[2], args[3], *args[4:]
         key = (table, chain)
-        store = self.builtin if chain in BUILTIN else self.chains
+        store = self.builtin if chain in BUILTIN_CHAINS else self.chains
         if op == "-N":
             self.chains[key] = []
         elif op == "-A":

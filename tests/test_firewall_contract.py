@@ -13,8 +13,8 @@ from mape_daemon import desired, rules
 from mape_daemon.config import parse
 from mape_daemon.mapcalc import compute
 from mape_daemon.plan import diff_firewall
-from mape_daemon.state import State
-from tests.fake_kernel import BUILTIN, FakeFirewall
+from mape_daemon.state import BUILTIN_CHAINS, State
+from tests.fake_kernel import FakeFirewall
 from tests.hostns import fresh_netns
 
 CFG = parse('[wan]\ninterface = "wan0"\n[pppoe]\nlan_interfaces = ["lan0"]\nhosts = ["192.168.1.55/32"]\n')
@@ -49,7 +49,7 @@ class RealHarness:
                 table = line[1:]
             elif "MAPE-" in line:
                 continue
-            elif line.startswith("-A ") or (line.startswith(":") and line.split()[0][1:] not in BUILTIN):
+            elif line.startswith("-A ") or (line.startswith(":") and line.split()[0][1:] not in BUILTIN_CHAINS):
                 out.append(f"{table} {COUNTERS.sub('', line)}")
         return sorted(out)
 

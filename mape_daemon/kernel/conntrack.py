@@ -7,12 +7,16 @@ import subprocess
 from ..errors import RetryableError
 
 
-def flush_nat_to(ipv4: str) -> int:
-    """Delete entries whose reply goes to `ipv4` (SNATed to it); returns how many went."""
+def _conntrack(*args: str) -> subprocess.CompletedProcess:
     try:
-        r = subprocess.run(["conntrack", "-D", "--reply-dst", ipv4], capture_output=True, text=True, timeout=30)
+        return subprocess.run(["conntrack", *args], capture_output=True, text=True, timeout=30)
     except FileNotFoundError:
         raise RetryableError("conntrack is not installed (Debian package conntrack)") from None
+
+
+def flush_nat_to(ipv4: str) -> int:
+    """Delete entries whose reply goes to `ipv4` (SNATed to it); returns how many went."""
+    r = _conntrack("-D", "--reply-dst", ipv4)
     # conntrack exits 1 when nothing matched; its summary line says how many were deleted.
     for line in r.stderr.splitlines():
         if "flow entries have been deleted" in line:
@@ -24,11 +28,7 @@ def flush_nat_to(ipv4: str) -> int:
 
 def nat_ports(ipv4: str) -> list[tuple[str, int]]:
     """(protocol, port) of every tracked connection NATed to `ipv4`: the ports of the set in use."""
-    try:
-        r = subprocess.run(["conntrack", "-L", "--reply-dst", ipv4], capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        raise RetryableError("conntrack is not installed (Debian package conntrack)") from None
-    return parse_nat_ports(r.stdout)
+    return parse_nat_ports(_conntrack("-L", "--reply-dst", ipv4).stdout)
 
 
 def parse_nat_ports(text: str) -> list[tuple[str, int]]:

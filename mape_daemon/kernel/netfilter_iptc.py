@@ -21,10 +21,8 @@ import iptc
 
 from ..errors import RetryableError, TerminalError
 from ..plan import FirewallChange
-from ..state import CHAIN_PREFIX, Chain, Jump
+from ..state import BUILTIN_CHAINS, CHAIN_PREFIX, TABLES, Chain, Jump
 
-TABLES = ("filter", "nat", "mangle")
-BUILTIN = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
 LOCK_PATH = "/run/xtables.lock"
 BASIC = (("src", "-s"), ("dst", "-d"), ("in_interface", "-i"), ("out_interface", "-o"), ("protocol", "-p"))
 UNSET = {
@@ -159,7 +157,7 @@ class IptcFirewall:
                 for chain in table.chains:
                     if chain.name.startswith(CHAIN_PREFIX):
                         chains.append(Chain(name, chain.name, tuple(render(r) for r in chain.rules)))
-                    elif chain.name in BUILTIN:
+                    elif chain.name in BUILTIN_CHAINS:
                         jumps += [
                             Jump(name, chain.name, render(r))
                             for r in chain.rules

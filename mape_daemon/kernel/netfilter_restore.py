@@ -14,10 +14,7 @@ from collections.abc import Iterable
 
 from ..errors import RetryableError, TerminalError
 from ..plan import FirewallChange
-from ..state import CHAIN_PREFIX, Chain, Jump
-
-TABLES = ("filter", "nat", "mangle")
-BUILTIN = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
+from ..state import BUILTIN_CHAINS, CHAIN_PREFIX, TABLES, Chain, Jump
 
 
 def parse_save(table: str, text: str) -> tuple[list[Chain], list[Jump]]:
@@ -33,7 +30,7 @@ def parse_save(table: str, text: str) -> tuple[list[Chain], list[Jump]]:
             _, chain, rest = line.split(" ", 2)
             if chain.startswith(CHAIN_PREFIX):
                 rules.setdefault(chain, []).append(rest)
-            elif chain in BUILTIN and _target(rest).startswith(CHAIN_PREFIX):
+            elif chain in BUILTIN_CHAINS and _target(rest).startswith(CHAIN_PREFIX):
                 jumps.append(Jump(table, chain, rest))
     return [Chain(table, name, tuple(r)) for name, r in rules.items()], jumps
 
