@@ -16,7 +16,9 @@ TABLE = rules.bundled()
 def test_table_holds_every_isp_with_its_provenance():
     raw = json.loads(resources.files("mape_daemon").joinpath("data/map-rules.json").read_text())
     assert "site-u2023" in raw["about"]  # the provenance travels with the data
-    assert len(TABLE.rules) == len(raw["rules"]) == 428
+    assert len(TABLE.rules) == len(raw["rules"]) == 426
+    # Rules kept for provenance but never loaded carry the reason they are out.
+    assert all(r["reason"] for r in raw["excluded"]) and len(raw["excluded"]) == 2
     assert {r.isp for r in TABLE.rules} == set(rules.ISP_NAMES)
     assert all(r.iid is IidLayout.DRAFT03 for r in TABLE.rules)
 
@@ -29,6 +31,18 @@ def test_no_two_bundled_rules_overlap():
     nets = sorted((r.ipv6_prefix for r in TABLE.rules), key=lambda n: (int(n.network_address), n.prefixlen))
     for a, b in itertools.pairwise(nets):
         assert not a.overlaps(b), f"{a} overlaps {b}"
+
+
+def test_no_two_bundled_rules_overlap_in_ipv4():
+    """Two rules onto one IPv4 prefix would give two CEs the same address and PSID (the NURO table
+    had three rules onto 219.104.128.0/20)."""
+    nets = sorted((r.ipv4_prefix for r in TABLE.rules), key=lambda n: (int(n.network_address), n.prefixlen))
+    for a, b in itertools.pairwise(nets):
+        assert not a.overlaps(b), f"{a} overlaps {b}"
+
+
+def test_excluded_rules_are_not_loaded():
+    assert not any(str(r.ipv6_prefix) in ("240d:f:a000::/36", "240d:f:d000::/36") for r in TABLE.rules)
 
 
 @pytest.mark.parametrize("rule", TABLE.rules, ids=lambda r: f"{r.isp}-{r.ipv6_prefix}")
