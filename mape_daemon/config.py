@@ -1,6 +1,7 @@
 """The configuration file (TOML), validated before anything touches the kernel.
 
-Every model is frozen and forbids unknown keys, so a typo is an error that names the key.
+Every model is frozen and forbids unknown keys, so a typo is an error that names the key; a rule
+that ties several keys together names the key it blames, with the value and the rule.
 """
 
 from __future__ import annotations
@@ -10,17 +11,41 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import rules
 from .mapcalc import IidLayout, MapError, Rule
 
 DEFAULT_PATH = Path("/etc/mape-daemon/mape.toml")
-IFNAME = Annotated[str, Field(min_length=1, max_length=15, pattern=r"^[^\s/:]+$")]
+IFNAMSIZ = 16  # the kernel's limit, with the terminating NUL
 
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the file, the key and the problem."""
+
+
+def key_error(key: str, message: str) -> ValueError:
+    """An error about `key` (relative to the section whose validator raises it)."""
+    return ValueError(f"@{key} {message}")
+
+
+def check_ifname(name: str) -> str:
+    """The kernel's rules for an interface name (dev_valid_name), plus the two characters the
+    firewall reads as wildcards: VLANs (`eth0.10`), bridges, `-` and `_` are all fine."""
+    size = len(name.encode())
+    if not 0 < size < IFNAMSIZ:
+        raise ValueError(f"interface name {name!r} is {size} bytes; Linux allows 1 to {IFNAMSIZ - 1}")
+    if name in (".", ".."):
+        raise ValueError(f"{name!r} is not a valid interface name")
+    bad = sorted({c for c in name if c in "/:" or c.isspace()})
+    if bad:
+        raise ValueError(f"interface name {name!r} has {', '.join(map(repr, bad))}, which Linux does not allow")
+    if name.endswith("+") or "*" in name:
+        raise ValueError(f"interface name {name!r}: iptables and nftables read a trailing + or a * as a wildcard")
+    return name
+
+
+IfName = Annotated[str, AfterValidator(check_ifname)]
 
 
 class Model(BaseModel):
@@ -42,20 +67,22 @@ class ExplicitRule(Model):
         )
 
 
-class Isp(Model):
+class IspConfig(Model):
     name: Literal["auto", "ocn", "v6plus", "biglobe", "nuro", "explicit"] = "auto"
     rule: ExplicitRule | None = None
     psid: int | None = Field(default=None, ge=0, le=65535, description="provisioned PSID (EA bits carry none)")
 
     @model_validator(mode="after")
-    def _rule_iff_explicit(self) -> Isp:
-        if (self.name == "explicit") != (self.rule is not None):
-            raise ValueError('give [isp.rule] exactly when name = "explicit"')
+    def _rule_iff_explicit(self) -> IspConfig:
+        if self.name == "explicit" and self.rule is None:
+            raise key_error("rule", 'is required when isp.name = "explicit"')
+        if self.name != "explicit" and self.rule is not None:
+            raise key_error("rule", f'is only used with isp.name = "explicit" (not {self.name!r})')
         if self.rule is not None:
             try:
                 self.rule.to_rule()
             except MapError as e:
-                raise ValueError(str(e)) from None
+                raise key_error("rule", str(e)) from None
         return self
 
     def rule_table(self) -> rules.RuleTable:
@@ -69,118 +96,168 @@ class Isp(Model):
         return None if self.name in ("auto", "explicit") else self.name
 
 
-class Wan(Model):
-    interface: IFNAME
+class WanConfig(Model):
+    interface: IfName
 
 
-class Tunnel(Model):
-    name: IFNAME = "ip6tnl1"
+class LanConfig(Model):
+    interfaces: tuple[IfName, ...] = Field(default=(), description="LAN-facing interfaces (PPPoE replies)")
+
+
+class TunnelConfig(Model):
+    name: IfName = "ip6tnl1"
     mtu: int = Field(default=1460, ge=1280, le=65000)
-    encap_limit: Literal["none"] = Field(default="none", description="the Linux default of 4 is dropped by some ISPs")
+    encap_limit: str | int = Field(default="none", description="the Linux default of 4 adds a header some ISPs drop")
     hop_limit: int = Field(default=64, ge=1, le=255)
 
+    @field_validator("encap_limit")
+    @classmethod
+    def _encap_limit(cls, v: str | int) -> str | int:
+        if v != "none" and not (isinstance(v, int) and 0 <= v <= 255):
+            raise ValueError(f'{v!r}: give "none" (no encapsulation-limit option; what the ISPs expect) or 0-255')
+        return v
 
-class RouteConf(Model):
+
+class RouteConfig(Model):
     default: bool = True
     metric: int = Field(default=0, ge=0, le=2**32 - 1)
 
 
-def _parse_port_spec(spec: int | str) -> tuple[int, int]:
+def parse_port_spec(spec: int | str) -> tuple[int, int]:
     if isinstance(spec, int):
         lo = hi = spec
     else:
         lo_s, _, hi_s = spec.partition("-")
-        lo, hi = int(lo_s), int(hi_s or lo_s)
+        try:
+            lo, hi = int(lo_s), int(hi_s or lo_s)
+        except ValueError:
+            raise ValueError(f"bad port or range {spec!r} (a number 1-65535, or lo-hi)") from None
     if not 1 <= lo <= hi <= 65535:
         raise ValueError(f"bad port or range {spec!r} (1-65535, lo-hi)")
     return lo, hi
 
 
-class Snat(Model):
-    protocols: tuple[Literal["tcp", "udp", "icmp"], ...] = ("tcp", "udp", "icmp")
+Protocol = Literal["tcp", "udp", "icmp"]
+
+
+class SnatConfig(Model):
+    protocols: tuple[Protocol, ...] = ("tcp", "udp", "icmp")
     reserved_ports: tuple[int | str, ...] = Field(default=(), description="kept out of the SNAT pool (port forwards)")
 
     @field_validator("reserved_ports")
     @classmethod
     def _ports(cls, v: tuple[int | str, ...]) -> tuple[int | str, ...]:
         for spec in v:
-            _parse_port_spec(spec)
+            parse_port_spec(spec)
         return v
 
     @field_validator("protocols")
     @classmethod
     def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if len(set(v)) != len(v):
-            raise ValueError("protocols repeat")
+            raise ValueError(f"{list(v)} names a protocol twice")
+        if not v:
+            raise ValueError("is empty: nothing could cross the tunnel")
         return v
 
     def reserved_ranges(self) -> tuple[tuple[int, int], ...]:
-        return tuple(_parse_port_spec(s) for s in self.reserved_ports)
+        return tuple(parse_port_spec(s) for s in self.reserved_ports)
 
 
-class Mss(Model):
+class MssConfig(Model):
     clamp: bool = True
 
 
-class Firewall(Model):
+class FirewallConfig(Model):
     backend: Literal["auto", "iptables-legacy", "iptables-nft"] = "auto"
+    guard: bool = Field(default=True, description="nftables table that drops what would leave the tunnel wrong")
 
 
-class Pppoe(Model):
-    interface: IFNAME = "ppp0"
+class PppoeConfig(Model):
+    interface: IfName = "ppp0"
     fwmark: int = Field(default=1000, ge=1, le=2**32 - 1)
     mask: int = Field(default=0xFFFF, ge=1, le=2**32 - 1, description="only these mark bits are ours")
     table: int = Field(default=10, ge=1, le=2**32 - 1)
-    rule_priority: int = Field(default=5000, ge=1, le=32765)
-    lan_interfaces: tuple[IFNAME, ...] = ()
+    rule_priority: int = Field(default=5000, ge=2, le=32765)
+    lan_interfaces: tuple[IfName, ...] = Field(default=(), description="deprecated: use [lan] interfaces")
     hosts: tuple[IPv4Network, ...] = Field(default=(), description="LAN hosts or subnets that always use PPPoE")
     mark_incoming: bool = True
     masquerade: bool = True
     rp_filter: Literal["loose", "keep"] = "loose"
 
     @model_validator(mode="after")
-    def _mark_in_mask(self) -> Pppoe:
+    def _mark_in_mask(self) -> PppoeConfig:
         if self.fwmark & ~self.mask:
-            raise ValueError(f"fwmark {self.fwmark:#x} has bits outside mask {self.mask:#x}")
-        if self.table in (253, 254, 255):
-            raise ValueError(f"table {self.table} is a kernel table (default, main, local)")
+            raise key_error(
+                "fwmark", f"{self.fwmark:#x} has bits outside pppoe.mask {self.mask:#x} (only the mask's bits are ours)"
+            )
+        if self.table in (0, 253, 254, 255):
+            raise key_error("table", f"{self.table} is a kernel table (default, main, local); pick another, e.g. 10")
         return self
 
 
-class Daemon(Model):
+class DaemonConfig(Model):
     on_stop: Literal["remove", "keep"] = "remove"
     sync_interval: float = Field(default=60, ge=1, le=86400, description="periodic full sync, seconds")
+    hold_down: float = Field(default=10, ge=0, le=3600, description="seconds a lost WAN prefix is waited for")
 
 
 class Config(Model):
-    wan: Wan
-    isp: Isp = Isp()
-    tunnel: Tunnel = Tunnel()
-    route: RouteConf = RouteConf()
-    snat: Snat = Snat()
-    mss: Mss = Mss()
-    firewall: Firewall = Firewall()
-    pppoe: Pppoe | None = None
-    daemon: Daemon = Daemon()
+    wan: WanConfig
+    lan: LanConfig = LanConfig()
+    isp: IspConfig = IspConfig()
+    tunnel: TunnelConfig = TunnelConfig()
+    route: RouteConfig = RouteConfig()
+    snat: SnatConfig = SnatConfig()
+    mss: MssConfig = MssConfig()
+    firewall: FirewallConfig = FirewallConfig()
+    pppoe: PppoeConfig | None = None
+    daemon: DaemonConfig = DaemonConfig()
 
     @model_validator(mode="after")
     def _names_apart(self) -> Config:
-        if self.tunnel.name == self.wan.interface:
-            raise ValueError("tunnel.name and wan.interface are the same interface")
-        if self.pppoe and self.pppoe.interface in (self.tunnel.name, self.wan.interface):
-            raise ValueError("pppoe.interface must differ from the tunnel and the WAN interface")
+        wan, tunnel = self.wan.interface, self.tunnel.name
+        if tunnel == wan:
+            raise key_error("tunnel.name", f"{tunnel!r} is also wan.interface: the tunnel needs its own name")
+        if tunnel in self.lan_interfaces or wan in self.lan_interfaces:
+            raise key_error("lan.interfaces", f"{list(self.lan_interfaces)} names the WAN or the tunnel")
+        if self.pppoe and self.pppoe.interface in (tunnel, wan):
+            raise key_error("pppoe.interface", f"{self.pppoe.interface!r} must differ from the tunnel and the WAN")
         return self
+
+    @property
+    def lan_interfaces(self) -> tuple[str, ...]:
+        """[lan] interfaces, plus the deprecated pppoe.lan_interfaces."""
+        extra = self.pppoe.lan_interfaces if self.pppoe else ()
+        return tuple(dict.fromkeys((*self.lan.interfaces, *extra)))
+
+    def warnings(self) -> list[str]:
+        if self.pppoe and self.pppoe.lan_interfaces:
+            return ["pppoe.lan_interfaces is deprecated: move the names to [lan] interfaces"]
+        return []
+
+
+# Parts of a pydantic error location that name a union member, not a key.
+UNION_TAGS = frozenset({"int", "str", "constrained-int"})
+UNION_PREFIXES = ("function-after", "tagged-union", "literal[")
 
 
 def _describe(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-after", "tagged-union")))
+        loc = ".".join(str(x) for x in err["loc"] if str(x) not in UNION_TAGS and not str(x).startswith(UNION_PREFIXES))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        if msg.startswith("@"):
+            key, _, msg = msg[1:].partition(" ")
+            loc = f"{loc}.{key}" if loc else key
+        elif err["type"] not in ("missing", "extra_forbidden", "value_error") and not isinstance(
+            err.get("input"), dict | list | None
+        ):
+            msg = f"{err['input']!r}: {msg}"  # the value the limit or type refers to
         parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
+    return "; ".join(dict.fromkeys(parts))
 
 
 def parse(text: str, source: str = "<config>") -> Config:

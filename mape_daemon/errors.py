@@ -11,3 +11,12 @@ class TerminalError(MapeError):
 
 class RetryableError(MapeError):
     """A kernel call failed in a way that may pass (busy lock, a link that is going away)."""
+
+
+class CannotRunHere(TerminalError):
+    """This host lacks something the daemon needs (a tool, a kernel module): the service exits
+    with EXIT_UNAVAILABLE, which the unit does not restart on."""
+
+
+class ConflictError(TerminalError):
+    """Another program's object holds a name or slot we need; we never change it."""
