@@ -5,12 +5,21 @@ No parameters (no usable WAN prefix) means nothing of ours at all.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from .config import Config
 from .mapcalc import MapParams
-from .state import NOTHING, Address, Chain, Jump, Route, RoutingRule, State, Sysctl, Tunnel
+from .state import NOTHING, Address, Chain, Jump, Route, RoutingRule, State, Tunnel
 
 SNAT_CHAIN = "MAPE-SNAT"
 SUB_CHAIN = {"tcp": "MAPE-SNAT-TCP", "udp": "MAPE-SNAT-UDP", "icmp": "MAPE-SNAT-ICMP"}
+# PPPoE-only traffic finds this when ppp0 is absent: it fails closed instead of leaving by MAP-E.
+UNREACHABLE_METRIC = 2**32 - 1
+GUARD_PRIORITY = 300  # after every source NAT (srcnat is 100; firewalld masquerades at 110)
+
+
+class EmptyPool(ValueError):
+    """Every port of the set is reserved: nothing could be SNATed."""
 
 
 def pool_ranges(params: MapParams, reserved: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
@@ -29,6 +38,14 @@ def pool_ranges(params: MapParams, reserved: tuple[tuple[int, int], ...]) -> lis
     return out
 
 
+def check_pool(config: Config, params: MapParams) -> None:
+    if not pool_ranges(params, config.snat.reserved_ranges()):
+        raise EmptyPool(
+            f"snat.reserved_ports {list(config.snat.reserved_ports)} cover every port of PSID {params.psid} "
+            f"({params.ports} ports): nothing could be SNATed, so MAP-E stays off"
+        )
+
+
 def snat_rules(proto: str, ipv4: str, ranges: list[tuple[int, int]]) -> tuple[str, ...]:
     """Terminating SNAT rules that spread new connections round-robin over every range.
 
@@ -44,27 +61,64 @@ def snat_rules(proto: str, ipv4: str, ranges: list[tuple[int, int]]) -> tuple[st
     return tuple(rules)
 
 
-def build(config: Config, params: MapParams | None, links: frozenset[str] = frozenset()) -> State:
+def nft_set(items: Collection[str]) -> str:
+    return next(iter(items)) if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
+def guard_table(config: Config, params: MapParams) -> str:
+    """Our nftables table: after every source NAT, drop what would leave the tunnel with a source
+    other than the MAP IPv4, a port or ICMP id outside the set, a protocol we do not SNAT, or from
+    a host that must use PPPoE. The BR would drop it anyway; dropped here it never gets a conntrack
+    entry, so a flushed or half-replaced nat table cannot leave wrong mappings behind."""
+    protos = config.snat.protocols
+    ports = nft_set([f"{lo}-{hi}" if hi > lo else str(lo) for lo, hi in params.port_ranges])
+    lines = []
+    if config.pppoe and config.pppoe.hosts:
+        lines.append(f"ct original ip saddr {nft_set([str(h) for h in config.pppoe.hosts])} counter drop")
+    lines.append(f"ip saddr != {params.ipv4} counter drop")
+    if l4 := [p for p in ("tcp", "udp") if p in protos]:
+        lines.append(f"meta l4proto {nft_set(l4)} th sport {ports} accept")
+    if "icmp" in protos:
+        lines.append(f"icmp type {{ echo-request, echo-reply }} icmp id {ports} accept")
+    # Errors the router sends about a flow carry no port or id of their own.
+    lines.append("icmp type { destination-unreachable, time-exceeded, parameter-problem } accept")
+    lines.append("counter drop")
+    body = "\n".join(f"\t\t{line}" for line in lines)
+    return (
+        "table ip mape {\n"
+        "\tchain guard {\n"
+        f"\t\ttype filter hook postrouting priority {GUARD_PRIORITY}; policy accept;\n"
+        f'\t\toifname "{config.tunnel.name}" jump tunnel-out\n'
+        "\t}\n"
+        "\tchain tunnel-out {\n"
+        f"{body}\n"
+        "\t}\n"
+        "}\n"
+    )
+
+
+def build(config: Config, params: MapParams | None, links: Collection[str] = ()) -> State:
     """The whole desired state. `links` are the interfaces that exist now (ppp0 may come late)."""
     if params is None:
         return NOTHING
     t, wan = config.tunnel, config.wan.interface
     ipv4 = str(params.ipv4)
+    protos = config.snat.protocols
     assert params.br is not None, "a rule without a BR address cannot drive a tunnel"
-    tunnel = Tunnel(t.name, str(params.ce_ipv6), str(params.br), wan, t.mtu, t.hop_limit)
+    tunnel = Tunnel(t.name, str(params.ce_ipv6), str(params.br), wan, t.mtu, t.hop_limit, "ipip6", str(t.encap_limit))
     addresses = {Address(wan, str(params.ce_ipv6), 128), Address(t.name, ipv4, 32)}
     routes: set[Route] = set()
     if config.route.default:
-        routes.add(Route("default", t.name, 254, config.route.metric))
+        routes.add(Route("default", t.name, metric=config.route.metric))
     rules: set[RoutingRule] = set()
-    sysctls: set[Sysctl] = set()
+    loose_rp: set[str] = set()
 
     ranges = pool_ranges(params, config.snat.reserved_ranges())
     chains = [
-        Chain("nat", SNAT_CHAIN, tuple(f"-p {p} -j {SUB_CHAIN[p]}" for p in config.snat.protocols)),
-        *(Chain("nat", SUB_CHAIN[p], snat_rules(p, ipv4, ranges)) for p in config.snat.protocols),
+        Chain("nat", SNAT_CHAIN, tuple(f"-p {p} -j {SUB_CHAIN[p]}" for p in protos)),
+        *(Chain("nat", SUB_CHAIN[p], snat_rules(p, ipv4, ranges)) for p in protos),
         # Protocols without ports (GRE, ESP, ...) cannot cross MAP-E: drop and count them.
-        Chain("filter", "MAPE-FWD", (*(f"-p {p} -j RETURN" for p in config.snat.protocols), "-j DROP")),
+        Chain("filter", "MAPE-FWD", (*(f"-p {p} -j RETURN" for p in protos), "-j DROP")),
     ]
     jumps = [
         Jump("nat", "POSTROUTING", f"-o {t.name} -j {SNAT_CHAIN}"),
@@ -85,26 +139,18 @@ def build(config: Config, params: MapParams | None, links: frozenset[str] = froz
 
     if (ppp := config.pppoe) is not None:
         mark = f"{ppp.fwmark:#x}/{ppp.mask:#x}"
+        restore = f"-j CONNMARK --restore-mark --nfmask {ppp.mask:#x} --ctmask {ppp.mask:#x}"
         pbr: list[str] = []
         if ppp.mark_incoming:
             pbr.append(f"-i {ppp.interface} -j CONNMARK --set-xmark {mark}")
-        pbr += [
-            f"-i {lan} -j CONNMARK --restore-mark --nfmask {ppp.mask:#x} --ctmask {ppp.mask:#x}"
-            for lan in ppp.lan_interfaces
-        ]
+        pbr += [f"-i {lan} {restore}" for lan in config.lan_interfaces]
         pbr += [f"-s {host} -j MARK --set-xmark {mark}" for host in ppp.hosts]
         pbr.append(f"! -i {ppp.interface} -j MAPE-PBR-OTHER")
         chains += [
             Chain("mangle", "MAPE-PBR", tuple(pbr)),
-            # What has no ports leaves by PPPoE, which carries any protocol.
-            Chain(
-                "mangle",
-                "MAPE-PBR-OTHER",
-                (*(f"-p {p} -j RETURN" for p in ("tcp", "udp", "icmp")), f"-j MARK --set-xmark {mark}"),
-            ),
-            Chain(
-                "mangle", "MAPE-PBR-OUT", (f"-j CONNMARK --restore-mark --nfmask {ppp.mask:#x} --ctmask {ppp.mask:#x}",)
-            ),
+            # What we do not SNAT (GRE, ESP, ...) leaves by PPPoE, which carries any protocol.
+            Chain("mangle", "MAPE-PBR-OTHER", (*(f"-p {p} -j RETURN" for p in protos), f"-j MARK --set-xmark {mark}")),
+            Chain("mangle", "MAPE-PBR-OUT", (restore,)),
         ]
         jumps += [Jump("mangle", "PREROUTING", "-j MAPE-PBR"), Jump("mangle", "OUTPUT", "-j MAPE-PBR-OUT")]
         if ppp.masquerade:
@@ -115,17 +161,17 @@ def build(config: Config, params: MapParams | None, links: frozenset[str] = froz
         rules.add(RoutingRule(ppp.rule_priority, ppp.fwmark, ppp.mask, ppp.table))
         if ppp.interface in links:
             routes.add(Route("default", ppp.interface, ppp.table, 0))
-        if ppp.rp_filter == "loose":
-            sysctls |= {
-                Sysctl(f"net.ipv4.conf.{i}.rp_filter", "2") for i in (ppp.interface, *ppp.lan_interfaces) if i in links
-            }
+            if ppp.rp_filter == "loose":
+                loose_rp.add(ppp.interface)
+        routes.add(Route("default", "", ppp.table, UNREACHABLE_METRIC, kind="unreachable"))
 
     return State(
-        tunnel=tunnel,
+        tunnels=frozenset({tunnel}),
         addresses=frozenset(addresses),
         routes=frozenset(routes),
         rules=frozenset(rules),
-        sysctls=frozenset(sysctls),
+        loose_rp=frozenset(loose_rp),
         chains=frozenset(chains),
         jumps=tuple(sorted(jumps)),
+        nft=guard_table(config, params) if config.firewall.guard else None,
     )

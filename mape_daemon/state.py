@@ -1,19 +1,20 @@
 """The kernel objects mape-daemon owns, as plain values: what `desired` builds, what the kernel
-adapters observe (only ours), and what `plan.diff` compares."""
+adapters observe, and what `plan.diff` compares."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 RT_PROTO = 203  # the protocol number on our routes and rules: how we know they are ours
-CHAIN_PREFIX = "MAPE-"  # every netfilter chain we own starts with this
-TABLES = ("filter", "nat", "mangle")  # the netfilter tables we have chains in
+CHAIN_PREFIX = "MAPE-"  # every iptables chain we own starts with this
+TABLES = ("filter", "nat", "mangle")  # the iptables tables we have chains in
 BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
+MAIN_TABLE = 254
 
 
 @dataclass(frozen=True, order=True)
 class Tunnel:
-    """ip6tnl in mode ipip6 (IPv4 in IPv6), encapsulation limit none."""
+    """ip6tnl in mode ipip6 (IPv4 in IPv6)."""
 
     name: str
     local: str
@@ -23,12 +24,26 @@ class Tunnel:
     hop_limit: int
     mode: str = "ipip6"  # observed otherwise (ip6ip6, any) means someone else's settings
     encap_limit: str = "none"
+    up: bool = True
 
     def describe(self) -> str:
         return (
             f"tunnel {self.name} mode {self.mode} local {self.local} remote {self.remote} dev {self.link} "
             f"mtu {self.mtu} hoplimit {self.hop_limit} encaplimit {self.encap_limit}"
         )
+
+    def differences(self, wanted: Tunnel) -> list[str]:
+        """What differs from `wanted`, in words ("remote 2001:db8::1, not 2001:380:a120::9")."""
+        out = []
+        for f in fields(self):
+            have, want = getattr(self, f.name), getattr(wanted, f.name)
+            if have != want:
+                out.append(f"{'down' if want else 'up'}" if f.name == "up" else f"{f.name} {have}, not {want}")
+        return out
+
+    def settable(self, wanted: Tunnel) -> bool:
+        """True when only what can be changed in place (MTU, up) differs."""
+        return replace(self, mtu=wanted.mtu, up=wanted.up) == wanted
 
 
 @dataclass(frozen=True, order=True)
@@ -50,15 +65,25 @@ class Address:
 
 @dataclass(frozen=True, order=True)
 class Route:
+    """An IPv4 route of ours. kind "unreachable" has no device: it fails what reaches it closed."""
+
     dst: str  # "default" or a CIDR
     dev: str
-    table: int = 254
+    table: int = MAIN_TABLE
     metric: int = 0
     family: int = 4
+    kind: str = "unicast"
+
+    @property
+    def key(self) -> tuple[int, int, str, int]:
+        """What the kernel keys a route on: one route per key, ours or another program's."""
+        return (self.family, self.table, self.dst, self.metric)
 
     def describe(self) -> str:
-        table = "" if self.table == 254 else f" table {self.table}"
-        return f"route {self.dst} dev {self.dev}{table} metric {self.metric} proto {RT_PROTO}"
+        table = "" if self.table == MAIN_TABLE else f" table {self.table}"
+        where = "unreachable " if self.kind == "unreachable" else ""
+        dev = f" dev {self.dev}" if self.dev else ""
+        return f"route {where}{self.dst}{dev}{table} metric {self.metric} proto {RT_PROTO}"
 
 
 @dataclass(frozen=True, order=True)
@@ -71,22 +96,13 @@ class RoutingRule:
 
     def describe(self) -> str:
         sup = f" suppress_prefixlength {self.suppress_prefixlength}" if self.suppress_prefixlength >= 0 else ""
-        table = "main" if self.table == 254 else str(self.table)
+        table = "main" if self.table == MAIN_TABLE else str(self.table)
         return f"rule {self.priority}: fwmark {self.fwmark:#x}/{self.mask:#x} lookup {table}{sup} proto {RT_PROTO}"
 
 
 @dataclass(frozen=True, order=True)
-class Sysctl:
-    key: str  # e.g. net.ipv4.conf.ppp0.rp_filter
-    value: str
-
-    def describe(self) -> str:
-        return f"sysctl {self.key}={self.value}"
-
-
-@dataclass(frozen=True, order=True)
 class Chain:
-    """A chain we own, with its rules in iptables-save form (without `-A NAME`)."""
+    """An iptables chain we own, with its rules in iptables-save form (without `-A NAME`)."""
 
     table: str
     name: str
@@ -104,23 +120,19 @@ class Jump:
 
 @dataclass(frozen=True)
 class State:
-    tunnel: Tunnel | None = None
+    tunnels: frozenset[Tunnel] = frozenset()
     addresses: frozenset[Address] = frozenset()
     routes: frozenset[Route] = frozenset()
     rules: frozenset[RoutingRule] = frozenset()
-    sysctls: frozenset[Sysctl] = frozenset()
+    loose_rp: frozenset[str] = frozenset()  # interfaces whose reverse-path filter must not be strict
     chains: frozenset[Chain] = frozenset()
     jumps: tuple[Jump, ...] = field(default=())  # observed ones may repeat; the plan removes extras
+    nft: str | None = None  # our nftables table `ip mape`, as a script
 
     @property
-    def ipv4(self) -> str | None:
-        """The MAP IPv4 address (on the tunnel), if any."""
-        if self.tunnel is None:
-            return None
-        return next((a.address for a in self.addresses if a.family == 4 and a.ifname == self.tunnel.name), None)
-
-    def is_empty(self) -> bool:
-        return not (self.tunnel or self.addresses or self.routes or self.rules or self.chains or self.jumps)
+    def tunnel(self) -> Tunnel | None:
+        """The one tunnel of a desired state."""
+        return next(iter(self.tunnels), None)
 
 
 NOTHING = State()
@@ -135,10 +147,31 @@ class WanAddress:
     deprecated: bool
     tentative: bool
     ours_shape: bool  # a /128 with nodad and noprefixroute: how we add the CE address
+    preferred_lft: int = 0xFFFFFFFF  # seconds; the most recently announced prefix has the longest
+
+
+@dataclass(frozen=True)
+class Query:
+    """What the reconciler asks the kernel about, beyond what carries our markers."""
+
+    wan: str
+    tunnels: frozenset[str]  # the recorded tunnel names and the configured one
+    addresses: frozenset[tuple[str, str]]  # recorded CE addresses (ifname, address)
+    rp_filter: frozenset[str]  # interfaces whose reverse-path filter matters
+    route_tables: frozenset[int]  # tables where another program's route may hold a slot we want
 
 
 @dataclass(frozen=True)
 class Observed:
-    state: State  # only what is ours
+    links: dict[str, str]  # every interface name -> its kind ("" for a plain device)
     wan: tuple[WanAddress, ...]  # the WAN's global IPv6 addresses
-    links: frozenset[str]  # interface names that exist
+    tunnels: dict[str, Tunnel]  # every ip6tnl (ours or not), by name
+    addresses: frozenset[Address]  # recorded CE /128s that are there, and IPv4 addresses on asked tunnels
+    routes: frozenset[Route]  # ours (protocol 203), in every table
+    foreign_routes: frozenset[Route]  # not ours, in the tables asked about
+    rules: frozenset[RoutingRule]  # ours (protocol 203)
+    foreign_rules: frozenset[RoutingRule]  # others' fwmark rules
+    rp_filter: dict[str, int]  # effective reverse-path filter of the asked interfaces
+    chains: frozenset[Chain]
+    jumps: tuple[Jump, ...]
+    nft: str | None  # our nftables table as nft lists it
