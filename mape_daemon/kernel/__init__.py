@@ -1,27 +1,31 @@
-"""The one seam to the kernel: the only package that imports pyroute2, iptc or subprocess.
+"""The one seam to the kernel: the only package that imports pyroute2, iptc, libnftables or
+subprocess.
 
-LinuxKernel observes what is ours and applies plan actions; the reconciler sees it only through
-its KernelPort protocol, which the test fake implements too.
+LinuxKernel observes and applies plan actions; the reconciler sees it only through its KernelPort
+protocol, which the test fake implements too. A sync runs inside `session()`: one rtnetlink socket
+for the whole sync, opened and closed in the thread that runs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator
 from typing import Protocol
 
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import RetryableError
-from ..plan import Action, ConntrackFlush, FirewallChange, NetAction
-from ..state import Address, Chain, Jump, Observed, Route, RoutingRule, State, Sysctl, Tunnel
+from ..plan import Action, ConntrackCleanup, FirewallChange, NetAction, NftChange, RpFilterChange
+from ..state import Address, Chain, Jump, Observed, Query, Route, RoutingRule, State, Tunnel
 from . import conntrack
 from .netlink import Netlink
+from .nftables import NftTable
 
-FirewallState = tuple[frozenset[Chain], tuple[Jump, ...]]
 
+class IptablesBackend(Protocol):
+    """Our MAPE-* chains in the iptables tables, through one tool or library."""
 
-class Firewall(Protocol):
     name: str
     writes: int
 
@@ -32,7 +36,7 @@ class Firewall(Protocol):
     def apply(self, change: FirewallChange) -> None: ...
 
 
-def make_firewall(backend: str) -> Firewall:
+def make_iptables(backend: str) -> IptablesBackend:
     from .probe import iptables_variant
 
     if backend == "auto":
@@ -47,61 +51,107 @@ def make_firewall(backend: str) -> Firewall:
 
 
 class LinuxKernel:
-    def __init__(self, firewall: Firewall):
-        self.fw = firewall
+    def __init__(self, iptables: IptablesBackend, nft: NftTable | None = None):
+        self.fw = iptables
+        self.nft = nft or NftTable()
         self._net_writes = 0
+        self._nl: Netlink | None = None
+        self.conntrack_deleted = 0
+
+    @property
+    def backend(self) -> str:
+        return self.fw.name
 
     @property
     def writes(self) -> int:
-        return self._net_writes + self.fw.writes
+        return self._net_writes + self.fw.writes + self.nft.writes
 
-    def observe(self, tunnel: str, wan: str, is_ce: Callable[[str], bool]) -> Observed:
+    def bind_canonical(self, canonical: dict[str, str]) -> None:
+        """Share the learned nft listings with the ownership record (kept across restarts)."""
+        self.nft.canonical = canonical
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        self._nl = Netlink()
         try:
-            return self._observe(tunnel, wan, is_ce)
+            yield
+        finally:
+            self._nl.close()
+            self._net_writes += self._nl.writes
+            self._nl = None
+
+    @property
+    def nl(self) -> Netlink:
+        if self._nl is None:
+            raise RuntimeError("kernel call outside a session()")
+        return self._nl
+
+    def observe(self, query: Query) -> Observed:
+        try:
+            return self._observe(query)
         except NetlinkError as e:  # a link vanished between two reads, typically: the next sync sees it
             raise RetryableError(f"reading the kernel: {os.strerror(e.code)}") from None
 
-    def _observe(self, tunnel: str, wan: str, is_ce: Callable[[str], bool]) -> Observed:
-        with Netlink() as nl:
-            links = nl.links()
-            tun = nl.tunnel(tunnel, links)
-            wan_addrs = nl.wan_addresses(links[wan]) if wan in links else []
-            addresses = {Address(wan, w.address, 128) for w in wan_addrs if w.ours_shape and is_ce(w.address)}
-            if tun is not None:
-                addresses |= set(nl.tunnel_addresses(tunnel, links[tunnel]))
-            routes, rules = nl.routes(links), nl.rules()
+    def _observe(self, q: Query) -> Observed:
+        nl = self.nl
+        links = nl.links()
+        tunnels = nl.tunnels()
+        wan = nl.wan_addresses(links[q.wan][0]) if q.wan in links else []
+        addresses: set[Address] = set()
+        for ifname, address in q.addresses:
+            if ifname in links:
+                addresses |= {a for a in nl.addresses(ifname, links[ifname][0], 6) if a.address == address}
+        for name in q.tunnels:
+            if name in tunnels:
+                addresses |= set(nl.addresses(name, links[name][0], 4))
+        routes, foreign_routes = nl.routes(q.route_tables)
+        rules, foreign_rules = nl.rules()
         chains, jumps = self.fw.observe()
-        state = State(tun, frozenset(addresses), frozenset(routes), frozenset(rules), frozenset(), chains, jumps)
-        return Observed(state, tuple(wan_addrs), frozenset(links))
-
-    def sysctls(self, keys: Iterable[str]) -> frozenset[Sysctl]:
-        return frozenset(Netlink.sysctls(keys))
+        return Observed(
+            links={name: kind for name, (_, kind) in links.items()},
+            wan=tuple(wan),
+            tunnels=tunnels,
+            addresses=frozenset(addresses),
+            routes=frozenset(routes),
+            foreign_routes=frozenset(foreign_routes),
+            rules=frozenset(rules),
+            foreign_rules=frozenset(foreign_rules),
+            rp_filter=nl.rp_filter(q.rp_filter),
+            chains=chains,
+            jumps=jumps,
+            nft=self.nft.observe(),
+        )
 
     def normalize(self, state: State) -> State:
         chains, jumps = self.fw.normalize(state.chains, state.jumps)
-        return State(state.tunnel, state.addresses, state.routes, state.rules, state.sysctls, chains, jumps)
+        return State(state.tunnels, state.addresses, state.routes, state.rules, state.loose_rp, chains, jumps,
+                     state.nft)  # fmt: skip
+
+    def nft_matches(self, script: str | None, listed: str | None) -> bool:
+        return self.nft.expected(script) == listed
 
     def apply(self, action: Action) -> None:
         if isinstance(action, FirewallChange):
             self.fw.apply(action)
-        elif isinstance(action, ConntrackFlush):
+        elif isinstance(action, NftChange):
+            self.nft.replace(action.script)
+        elif isinstance(action, ConntrackCleanup):
             self._net_writes += 1
-            conntrack.flush_nat_to(action.ipv4)
+            self.conntrack_deleted += conntrack.cleanup(action.drop_ipv4, action.ipv4, action.ranges,
+                                                        action.unnated_via)  # fmt: skip
+        elif isinstance(action, RpFilterChange):
+            self.nl.set_rp_filter(action.ifname, action.value)
         else:
-            with Netlink() as nl:
-                _apply_net(nl, action)
-                self._net_writes += nl.writes
+            _apply_net(self.nl, action)
 
 
 def _apply_net(nl: Netlink, action: NetAction) -> None:
     obj, op = action.obj, action.op
     if isinstance(obj, Tunnel):
-        {"add": nl.add_tunnel, "del": nl.del_tunnel, "set-mtu": nl.set_mtu}[op](obj)
+        {"add": nl.add_tunnel, "del": nl.del_tunnel, "set": nl.set_tunnel}[op](obj)
     elif isinstance(obj, Address):
         nl.address(op, obj)
     elif isinstance(obj, Route):
         nl.route(op, obj)
     elif isinstance(obj, RoutingRule):
         nl.rule(op, obj)
-    elif isinstance(obj, Sysctl):
-        nl.set_sysctl(obj)

@@ -1,45 +1,92 @@
-"""Connection tracking: forget connections NATed to an address we no longer have."""
+"""Connection tracking through ctnetlink (pyroute2, in this process: no conntrack tool needed).
+
+A connection NATed by us has the MAP IPv4 as its reply direction's destination and the port (or
+ICMP id) it was given as the reply's destination port. Cleanups delete entries whose mapping is no
+longer right; `nat_ports` reads the ports in use for `status`.
+"""
 
 from __future__ import annotations
 
-import subprocess
+import os
+import socket
+from collections.abc import Iterable, Iterator
+
+from pyroute2 import Conntrack, IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import RetryableError
 
+PROTO_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMP: "icmp"}
 
-def _conntrack(*args: str) -> subprocess.CompletedProcess:
+
+def _reply_port(entry) -> int | None:
+    t = entry.tuple_reply
+    return t.icmp_id if t.proto == socket.IPPROTO_ICMP else t.dport
+
+
+def _in(port: int | None, ranges: Iterable[tuple[int, int]]) -> bool:
+    return port is not None and any(lo <= port <= hi for lo, hi in ranges)
+
+
+def _entries(ct: Conntrack) -> Iterator:
     try:
-        return subprocess.run(["conntrack", *args], capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        raise RetryableError("conntrack is not installed (Debian package conntrack)") from None
+        yield from ct.dump_entries()
+    except NetlinkError as e:
+        raise RetryableError(f"reading conntrack: {os.strerror(e.code)}") from None
 
 
-def flush_nat_to(ipv4: str) -> int:
-    """Delete entries whose reply goes to `ipv4` (SNATed to it); returns how many went."""
-    r = _conntrack("-D", "--reply-dst", ipv4)
-    # conntrack exits 1 when nothing matched; its summary line says how many were deleted.
-    for line in r.stderr.splitlines():
-        if "flow entries have been deleted" in line:
-            return int(line.split()[-6]) if line.split()[-6].isdigit() else 0
-    if r.returncode not in (0, 1):
-        raise RetryableError(f"conntrack -D failed: {r.stderr.strip()}")
-    return 0
+def stale(entry, drop_ipv4: set[str], ipv4: str | None, ranges, unnated: bool) -> bool:
+    """True for an entry whose mapping is wrong by the rules of ConntrackCleanup (the route check
+    for un-NATed entries is the caller's)."""
+    o, r = entry.tuple_orig, entry.tuple_reply
+    if r.daddr in drop_ipv4:
+        return True  # NATed to (or sent by the router from) an old MAP IPv4
+    if ipv4 is not None and r.daddr == ipv4:
+        # NATed to the MAP IPv4 (or sent by the router from it): its port must be in the set.
+        return o.proto in PROTO_NAMES and not _in(_reply_port(entry), ranges)
+    return unnated and o.saddr == r.daddr and o.daddr == r.saddr  # not NATed at all
+
+
+def cleanup(drop_ipv4: Iterable[str], ipv4: str | None, ranges, unnated_via: str | None) -> int:
+    """Delete the stale entries; returns how many went. `unnated_via` (a tunnel name) adds the
+    entries that were not NATed at all and whose destination routes by that tunnel."""
+    drop = set(drop_ipv4)
+    deleted = 0
+    routes: dict[str, bool] = {}
+    with Conntrack() as ct, IPRoute() as ipr:
+        via = ipr.link_lookup(ifname=unnated_via)[0] if unnated_via and ipr.link_lookup(ifname=unnated_via) else None
+
+        def by_tunnel(dst: str) -> bool:
+            if dst not in routes:
+                try:
+                    found = ipr.route("get", dst=dst)
+                    routes[dst] = bool(found) and found[0].get_attr("RTA_OIF") == via
+                except NetlinkError:
+                    routes[dst] = False
+            return routes[dst]
+
+        victims = [e for e in _entries(ct) if stale(e, drop, ipv4, ranges, via is not None)]
+        for e in victims:
+            if (
+                e.tuple_reply.daddr not in drop
+                and e.tuple_orig.saddr == e.tuple_reply.daddr
+                and not by_tunnel(e.tuple_orig.daddr)
+            ):
+                continue  # not NATed, but not bound for the tunnel either (LAN to LAN, PPPoE)
+            try:
+                ct.delete(e)
+                deleted += 1
+            except NetlinkError as err:
+                if err.code != 2:  # ENOENT: it expired meanwhile
+                    raise RetryableError(f"deleting a conntrack entry: {os.strerror(err.code)}") from None
+    return deleted
 
 
 def nat_ports(ipv4: str) -> list[tuple[str, int]]:
     """(protocol, port) of every tracked connection NATed to `ipv4`: the ports of the set in use."""
-    return parse_nat_ports(_conntrack("-L", "--reply-dst", ipv4).stdout)
-
-
-def parse_nat_ports(text: str) -> list[tuple[str, int]]:
-    """From `conntrack -L` lines: the reply direction's destination port (or ICMP id)."""
-    out = []
-    for line in text.splitlines():
-        words = line.split()
-        if not words or words[0] not in ("tcp", "udp", "icmp"):
-            continue
-        key = "id=" if words[0] == "icmp" else "dport="
-        values = [w[len(key) :] for w in words if w.startswith(key)]
-        if len(values) >= 2:  # original direction first, then the reply direction
-            out.append((words[0], int(values[-1])))
-    return out
+    with Conntrack() as ct:
+        return [
+            (PROTO_NAMES[e.tuple_orig.proto], _reply_port(e))
+            for e in _entries(ct)
+            if e.tuple_reply.daddr == ipv4 and e.tuple_orig.proto in PROTO_NAMES and _reply_port(e) is not None
+        ]

@@ -12,7 +12,7 @@ import shlex
 import subprocess
 from collections.abc import Iterable
 
-from ..errors import RetryableError, TerminalError
+from ..errors import CannotRunHere, RetryableError
 from ..plan import FirewallChange
 from ..state import BUILTIN_CHAINS, CHAIN_PREFIX, TABLES, Chain, Jump
 
@@ -72,7 +72,7 @@ class RestoreFirewall:
         try:
             r = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
         except FileNotFoundError:
-            raise TerminalError(f"{argv[0]} not found (install the iptables package)") from None
+            raise CannotRunHere(f"{argv[0]} not found (install the Debian package iptables)") from None
         except subprocess.TimeoutExpired:
             raise RetryableError(f"{argv[0]} did not finish in 60 s (xtables lock held?)") from None
         if r.returncode:

@@ -48,12 +48,16 @@ class AddressRefreshFilter:
         return news
 
 
-async def watch(trigger: Callable[[str], None], bound: Callable[[], None] = lambda: None) -> None:
+async def watch(
+    trigger: Callable[[str], None], bound: Callable[[], None] = lambda: None, rcvbuf: int = 1 << 20
+) -> None:
     """Call trigger(event name) for link, address, route and rule events, until cancelled.
 
-    `bound` is called once the socket is subscribed: a sync started after it cannot miss a change."""
+    `bound` is called once the socket is subscribed: a sync started after it cannot miss a change.
+    A burst larger than the socket's buffer raises NetlinkError(ENOBUFS): events were lost, and
+    the caller must sync in full and subscribe again."""
     news = AddressRefreshFilter()
-    async with AsyncIPRoute() as ipr:
+    async with AsyncIPRoute(rcvbuf=rcvbuf) as ipr:
         await ipr.bind(groups=GROUPS)
         bound()
         while True:
