@@ -10,11 +10,12 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network
 
 from . import rules
 from .config import DEFAULT_PATH, Config, ConfigError, load
-from .errors import MapeError
+from .errors import CannotRunHere, MapeError
 from .mapcalc import IidLayout, MapError, MapParams, Rule, compute
 
 EXIT_FAILURE = 1  # the kernel refused or something else went wrong at run time
 EXIT_USAGE = 2  # argparse's own code for bad arguments; also bad input to calc
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: this host lacks a tool or kernel module; restarting cannot help
 EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus=78 stops a restart loop
 
 
@@ -105,22 +106,34 @@ def params_to_text(p: MapParams) -> str:
 def cmd_calc(args: argparse.Namespace) -> int:
     wan = parse_wan(args.prefix)
     layout_override = IidLayout(args.iid) if args.iid else None
+    psid = args.psid
     if args.rule:
         if args.isp != "auto":
             raise UsageError("give --rule or --isp, not both")
         rule = parse_rule(args.rule, layout_override or IidLayout.RFC7597, args.psid_len)
+    elif args.config and args.isp == "auto":  # the config's ISP or explicit rule, as the daemon maps
+        isp = load(args.config).isp
+        rule = isp.rule_table().match(wan, isp.isp_filter)
+        psid = isp.psid if psid is None else psid
     else:
         rule = rules.bundled().match(wan, None if args.isp == "auto" else args.isp)
-    params = compute(rule, wan, psid=args.psid, layout=layout_override)
+    params = compute(rule, wan, psid=psid, layout=layout_override)
     print(json.dumps(params_to_json(params)) if args.json else params_to_text(params))
     return 0
 
 
-def make_reconciler(config: Config):
-    from .kernel import LinuxKernel, make_firewall
+def state_dir():
+    from .service import STATE_DIR
+
+    return STATE_DIR
+
+
+def make_reconciler(config: Config | None, records):
+    from .kernel import LinuxKernel, make_iptables
     from .reconciler import Reconciler
 
-    return Reconciler(config, LinuxKernel(make_firewall(config.firewall.backend)))
+    backend = config.firewall.backend if config else (records.record.backend or "auto")
+    return Reconciler(config, LinuxKernel(make_iptables(backend)), records)
 
 
 def describe_selection(result_or_computed) -> str:
@@ -129,42 +142,59 @@ def describe_selection(result_or_computed) -> str:
         return f"no MAP-E parameters: {sel.reason}"
     p = sel.params
     isp = rules.ISP_NAMES.get(p.rule.isp or "", "explicit rule")
-    return f"{isp}: {p.ipv4} psid {p.psid}, {p.ports} ports, CE {p.ce_ipv6} (from {sel.source.address})"
+    src = sel.source.address if sel.source else "the held prefix"
+    return f"{isp}: {p.ipv4} psid {p.psid}, {p.ports} ports, CE {p.ce_ipv6} (from {src})"
+
+
+def config_path(args: argparse.Namespace) -> str:
+    return getattr(args, "file", None) or args.config
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = load(args.file or args.config)
+    path = config_path(args)
+    config = load(path)
+    for w in config.warnings():
+        print(f"{path}: warning: {w}", file=sys.stderr)
     print(
-        f"{args.file or args.config}: ok (WAN {config.wan.interface}, ISP {config.isp.name}, "
+        f"{path}: ok (WAN {config.wan.interface}, ISP {config.isp.name}, "
         f"tunnel {config.tunnel.name}, PPPoE {'on' if config.pppoe else 'off'})"
     )
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    computed = make_reconciler(load(args.config)).compute()
+    from .record import RecordFile
+
+    reconciler = make_reconciler(load(args.config), RecordFile(state_dir()))
+    with reconciler.kernel.session():
+        computed = reconciler.compute()
     print(describe_selection(computed))
+    for c in computed.conflicts:
+        print(f"conflict: {c}")
     print(computed.plan)
     return 0
 
 
-def _apply(args: argparse.Namespace, teardown: bool) -> int:
-    result = make_reconciler(load(args.config)).sync(teardown=teardown)
+def _apply(args: argparse.Namespace, config: Config | None, teardown: bool) -> int:
+    from .record import RecordFile, exclusive
+
+    with exclusive(state_dir(), f"mape-daemon {args.command}"):
+        result = make_reconciler(config, RecordFile(state_dir())).sync(teardown=teardown)
     if not teardown:
         print(describe_selection(result))
+    for c in result.conflicts:
+        print(f"conflict: {c}")
     print(result.plan)
     if result.error is not None:
         done = f"{result.applied} of {len(result.plan.actions)} changes applied"
         print(f"mape-daemon {args.command}: {result.error} ({done}; run again to retry)", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_UNAVAILABLE if isinstance(result.error, CannotRunHere) else EXIT_FAILURE
     print(f"{len(result.plan.actions)} change(s), {result.writes} kernel write(s) in {result.seconds * 1000:.0f} ms")
     return 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    if not args.once:
-        raise UsageError("apply needs --once (the daemon is `mape-daemon run`)")
-    return _apply(args, teardown=False)
+    return _apply(args, load(args.config), teardown=False)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -174,23 +204,47 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .service import STATE_DIR
     from .status import collect, to_text
 
-    state = collect(STATE_DIR, load(args.config).tunnel.name)
+    state = collect(state_dir())
     print(json.dumps(state) if args.json else to_text(state))
     return 0 if state.get("ok") else EXIT_FAILURE
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    return _apply(args, teardown=True)
+    """Everything of ours goes, found through the ownership record: a broken or missing config is
+    no obstacle (it only says which backend to use when the record does not)."""
+    try:
+        config = load(args.config)
+    except ConfigError as e:
+        print(f"mape-daemon cleanup: {e}; removing what the record in {state_dir()} lists", file=sys.stderr)
+        config = None
+    return _apply(args, config, teardown=True)
+
+
+EXAMPLES = {
+    "calc": "mape-daemon calc 2400:4050:1234:5600::/56 --json",
+    "check-config": "mape-daemon check-config -c /etc/mape-daemon/mape.toml",
+    "plan": "mape-daemon plan -c /etc/mape-daemon/mape.toml",
+    "apply": "mape-daemon apply -c /etc/mape-daemon/mape.toml",
+    "run": "systemctl start mape-daemon   (runs: mape-daemon run -c /etc/mape-daemon/mape.toml)",
+    "status": "mape-daemon status --json",
+    "cleanup": "mape-daemon cleanup",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mape-daemon", description="MAP-E (RFC 7597) for Linux routers")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    calc = sub.add_parser("calc", help="compute MAP-E parameters for a WAN prefix or address")
+    def command(name: str, help: str, func, config: str | None = str(DEFAULT_PATH)) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=f"example: {EXAMPLES[name]}")
+        what = f"config file (default {config})" if config else "map by this config's [isp] (default: bundled rules)"
+        p.add_argument("-c", "--config", default=config, help=what)
+        p.set_defaults(func=func)
+        return p
+
+    calc = command("calc", "compute MAP-E parameters for a WAN prefix or address", cmd_calc, config=None)
     calc.add_argument("prefix", metavar="PREFIX_OR_ADDRESS", help="e.g. 2400:4050:1234:5600::/56 or an address")
     calc.add_argument("--isp", default="auto", choices=["auto", *rules.ISP_NAMES], help="bundled rule table to use")
     calc.add_argument("--rule", help="explicit rule IPV6PREFIX,IPV4PREFIX,EALEN,OFFSET[,BR]")
@@ -202,25 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="interface-identifier layout (default: draft03 for bundled rules, rfc7597 for --rule)",
     )
     calc.add_argument("--json", action="store_true", help="print one JSON object")
-    calc.set_defaults(func=cmd_calc)
 
-    def with_config(name: str, help: str, func) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
-        p.add_argument("-c", "--config", default=str(DEFAULT_PATH), help=f"config file (default {DEFAULT_PATH})")
-        p.set_defaults(func=func)
-        return p
-
-    check = with_config("check-config", "validate a config file and exit", cmd_check_config)
-    check.add_argument("file", nargs="?", help="the file to check (default: --config)")
-    with_config("plan", "print what a sync would change, change nothing", cmd_plan)
-    apply = with_config("apply", "apply the desired state once and exit", cmd_apply)
-    apply.add_argument("--once", action="store_true", help="one sync, then exit")
-    with_config("run", "the daemon: watch the WAN and keep the kernel converged", cmd_run)
-    status = with_config(
-        "status", "the daemon's state: prefix, IPv4, PSID, tunnel, last sync, ports in use", cmd_status
-    )
+    check = command("check-config", "validate a config file and exit (0, or 78 naming the key)", cmd_check_config)
+    check.add_argument("file", nargs="?", help="the file to check (same as -c)")
+    command("plan", "print what a sync would change, change nothing", cmd_plan)
+    apply = command("apply", "converge once and exit (a second run writes nothing)", cmd_apply)
+    apply.add_argument("--once", action="store_true", help="the default; kept for scripts that say it")
+    command("run", "the daemon: watch the WAN and keep the kernel converged", cmd_run)
+    status = command("status", "the daemon's state: prefix, IPv4, PSID, tunnel, last changes, ports in use",
+                     cmd_status)  # fmt: skip
     status.add_argument("--json", action="store_true", help="print one JSON object")
-    with_config("cleanup", "remove everything of ours (tunnel, addresses, routes, rules, chains)", cmd_cleanup)
+    command("cleanup", "remove everything of ours (works without a usable config)", cmd_cleanup)
     return parser
 
 
@@ -235,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, MapError) as e:
         print(f"mape-daemon {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except CannotRunHere as e:
+        print(f"mape-daemon {args.command}: this host cannot run mape-daemon: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except MapeError as e:
         print(f"mape-daemon {args.command}: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -1,8 +1,9 @@
 """When to sync: coalesce bursts of triggers, keep a minimum interval between syncs, retry a failed
-sync with exponential backoff, and run a periodic full sync that catches what sends no event
-(`iptables -F`). Events only say "something changed"; the sync re-reads the kernel itself.
+sync with exponential backoff, run a periodic full sync that catches what sends no event
+(`iptables -F` on a legacy host), and wake at a time a sync asked for (the flap hold-down).
+Events only say "something changed" and why; the sync re-reads the kernel itself.
 
-The decision is a pure function of the clock (`Schedule.wait`), so tests drive time by hand.
+The decisions are pure functions of the clock (`Schedule`), so tests drive time by hand.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# Why a sync runs (journal field MAPE_CAUSE), in the order a line names them.
+CAUSES = ("start", "reload", "event", "hold-down", "retry", "periodic")
 
 
 @dataclass
@@ -19,9 +23,13 @@ class Schedule:
     min_interval: float = 0.5  # a burst of netlink events becomes one sync
     period: float = 60.0  # full sync even without events
     backoff_first: float = 1.0
-    backoff_max: float = 60.0
+    backoff_max: float = 60.0  # never longer than the period (see Service)
     last_start: float | None = None
-    pending: bool = True  # the first sync is due at once
+    last_end: float | None = None
+    running_since: float | None = None
+    causes: set[str] = field(default_factory=lambda: {"start"})  # the first sync is due at once
+    urgent: bool = False  # a reload: now, whatever the backoff
+    wake_at: float | None = None
     failures: int = 0
 
     def retry_delay(self) -> float:
@@ -29,28 +37,54 @@ class Schedule:
 
     def due_at(self) -> float:
         """The clock time of the next sync."""
-        if self.last_start is None:
+        if self.last_start is None or self.urgent:
             return 0.0
+        due = self.last_start + self.period
         if self.failures:
-            return self.last_start + max(self.min_interval, self.retry_delay())
-        if self.pending:
-            return self.last_start + self.min_interval
-        return self.last_start + self.period
+            due = min(due, self.last_start + max(self.min_interval, self.retry_delay()))
+        elif self.causes:
+            due = self.last_start + self.min_interval
+        if self.wake_at is not None:
+            due = min(due, max(self.wake_at, self.last_start + self.min_interval))
+        return due
 
     def wait(self, now: float) -> float:
         return max(0.0, self.due_at() - now)
 
-    def started(self, now: float) -> None:
-        self.last_start, self.pending = now, False
+    def cause(self, now: float) -> str:
+        """Why the sync starting now runs: the first of the pending causes."""
+        causes = set(self.causes)
+        if self.failures:
+            causes.add("retry")
+        if self.wake_at is not None and now >= self.wake_at:
+            causes.add("hold-down")
+        if not causes:
+            causes.add("periodic")
+        return next(c for c in CAUSES if c in causes)
 
-    def finished(self, ok: bool) -> None:
+    def started(self, now: float) -> None:
+        self.last_start, self.running_since = now, now
+        self.causes, self.urgent = set(), False
+        if self.wake_at is not None and now >= self.wake_at:
+            self.wake_at = None
+
+    def finished(self, ok: bool, now: float) -> None:
         self.failures = 0 if ok else self.failures + 1
+        self.last_end, self.running_since = now, None
+
+    def healthy(self, now: float, bound: float) -> bool:
+        """The loop is alive when the last sync attempt, or the one running, is younger than
+        `bound`: a sync wedged in a kernel call stops the watchdog pings and systemd restarts us."""
+        if self.running_since is not None:
+            return now - self.running_since < bound
+        last = self.last_end if self.last_end is not None else self.last_start
+        return last is None or now - last < bound
 
 
 class Runner:
     def __init__(
         self,
-        sync: Callable[[], Awaitable[bool]],
+        sync: Callable[[str], Awaitable[bool]],
         schedule: Schedule | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -61,9 +95,14 @@ class Runner:
         self._stopping = False
         self.syncs = 0
 
-    def trigger(self) -> None:
+    def trigger(self, cause: str = "event", urgent: bool = False) -> None:
         """Something changed (or a reload asked): sync soon, bursts coalesced."""
-        self.schedule.pending = True
+        self.schedule.causes.add(cause)
+        self.schedule.urgent |= urgent
+        self._wake.set()
+
+    def wake_in(self, seconds: float) -> None:
+        self.schedule.wake_at = self.clock() + seconds
         self._wake.set()
 
     def stop(self) -> None:
@@ -78,7 +117,9 @@ class Runner:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=delay)
                 continue  # re-plan: a trigger may have moved the due time, or stop was asked
-            self.schedule.started(self.clock())
-            ok = await self.sync()
+            now = self.clock()
+            cause = self.schedule.cause(now)
+            self.schedule.started(now)
+            ok = await self.sync(cause)
             self.syncs += 1
-            self.schedule.finished(ok)
+            self.schedule.finished(ok, self.clock())

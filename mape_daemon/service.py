@@ -1,30 +1,44 @@
 """`mape-daemon run`: one asyncio loop; netlink events and signals only trigger the runner.
 
-SIGHUP re-reads the config and keeps the running one if the new file is bad; SIGTERM/SIGINT stop
-per `daemon.on_stop`. systemd hears READY=1 after the first successful sync, RELOADING=1 and
-READY=1 around a reload, STOPPING=1, a STATUS= line, and watchdog pings while the loop runs.
+- The netlink watcher is supervised: an overflow of its socket means events were lost, so a full
+  sync runs at once on a fresh subscription; if it dies it is restarted with backoff. If it
+  cannot subscribe at start, the daemon exits with a clear message.
+- systemd hears READY=1 after the first successful sync (and after a reload's sync), STATUS=,
+  STOPPING=1, and WATCHDOG=1 only while the last sync attempt is recent: a sync wedged in a
+  kernel call stops the pings and systemd restarts us.
+- SIGHUP: the newest good config wins; a bad file changes nothing and says so. A config that
+  changes what we own (WAN, ISP or rule, tunnel name, backend, PPPoE) first removes our state
+  under the old one; if that fails, the old config stays and the removal is retried.
+- SIGTERM/SIGINT stop per `daemon.on_stop`; the exit status says whether the removal worked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import signal
 import tempfile
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, load
-from .errors import MapeError
+from .errors import CannotRunHere, MapeError
 from .reconciler import Reconciler, SyncResult
+from .record import RecordFile, exclusive
+from .report import Line, describe
 from .runner import Runner, Schedule
 
 log = logging.getLogger("mape-daemon")
 STATE_DIR = Path(os.environ.get("MAPE_STATE_DIR", "/run/mape-daemon"))
+EXIT_OK, EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 69, 78
+HISTORY = 20  # changes kept for `status`
+WATCHER_BACKOFF_MAX = 60.0
 
 
 def setup_logging() -> None:
@@ -52,116 +66,246 @@ def status_line(result: SyncResult) -> str:
     p = result.params
     if p is None:
         return f"waiting: {result.selection.reason}"
+    if result.selection.held:
+        return f"holding {p.ipv4} psid {p.psid}: {result.selection.reason}"
     state = "tunnel up" if result.ok else f"error: {result.error}"
     return f"{p.rule.isp or 'explicit'} {p.ipv4} psid {p.psid}, {p.ports} ports, {state}"
 
 
-def fields(result: SyncResult, event: str) -> dict[str, str]:
-    out = {"MAPE_EVENT": event, "MAPE_CHANGES": str(len(result.plan.actions))}
+def fields(result: SyncResult, event: str, cause: str) -> dict[str, str]:
+    out = {"MAPE_EVENT": event, "MAPE_CAUSE": cause, "MAPE_CHANGES": str(len(result.plan.actions))}
     if (p := result.params) is not None:
         out |= {"MAPE_PREFIX": str(p.end_user_prefix), "MAPE_IPV4": str(p.ipv4), "MAPE_PSID": str(p.psid)}
     return out
 
 
-def write_state(result: SyncResult) -> None:
-    """A small JSON file for `mape-daemon status`, replaced atomically."""
-    p = result.params
-    data = {
-        "last_sync": result.started,
-        "ok": result.ok,
-        "error": str(result.error) if result.error else None,
-        "changes": len(result.plan.actions),
-        "reason": result.selection.reason,
-        "prefix": str(p.end_user_prefix) if p else None,
-        "isp": p.rule.isp if p else None,
-        "rule": str(p.rule.ipv6_prefix) if p else None,
-        "ipv4": str(p.ipv4) if p else None,
-        "psid": p.psid if p else None,
-        "psid_len": p.psid_len if p else None,
-        "psid_offset": p.psid_offset if p else None,
-        "ce_ipv6": str(p.ce_ipv6) if p else None,
-        "ports": p.ports if p else None,
-    }
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=STATE_DIR, prefix=".state-")
+def identity(cfg: Config) -> tuple:
+    """What names the objects we own: a change means removing them under the old config first."""
+    return (cfg.wan.interface, cfg.isp, cfg.tunnel.name, cfg.firewall.backend, cfg.pppoe, cfg.lan_interfaces)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Replaced atomically: `status` never reads half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f)
-    os.replace(tmp, STATE_DIR / "state.json")
+    os.replace(tmp, path)
 
 
 class Service:
-    def __init__(self, config_path: str, config: Config, reconciler: Reconciler, make_kernel: Callable[[Config], Any]):
-        self.path, self.reconciler, self.make_kernel = config_path, reconciler, make_kernel
-        self.runner = Runner(self.sync_once, Schedule(period=config.daemon.sync_interval))
+    def __init__(
+        self,
+        config_path: str,
+        config: Config,
+        records: RecordFile,
+        make_kernel: Callable[[Config], Any],
+        state_dir: Path = STATE_DIR,
+    ):
+        self.path, self.records, self.make_kernel, self.state_dir = config_path, records, make_kernel, state_dir
+        self.reconciler = Reconciler(config, make_kernel(config), records)
+        period = config.daemon.sync_interval
+        self.runner = Runner(self.sync_once, Schedule(period=period, backoff_max=min(60.0, period)))
         self.ready = False
-        self.last_ipv4: str | None = None
         self.pending: Config | None = None  # a reloaded config, swapped in between two syncs
+        self.loaded_at = time.time()
+        self.conflicts: tuple[str, ...] = ()
+        self.holding = False
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self.repairs: Counter[str] = Counter()
+        self.last: SyncResult | None = None
+        self.watcher_restarts = 0
+        self.exit_code = EXIT_OK
+        # Test knobs: a small netlink buffer (to force an overflow), a freeze before an action kind.
+        self.rcvbuf = int(os.environ.get("MAPE_DEBUG_NETLINK_RCVBUF", 1 << 20))
+        self.syncs = 0
+        stop_at = os.environ.get("MAPE_DEBUG_STOP_BEFORE")
+        if stop_at:
+            self.reconciler.before_apply = _stop_before(stop_at, lambda: self.syncs)
 
-    def switch_config(self, new: Config) -> None:
-        """In the worker thread, between syncs. What we own is found by tunnel name and firewall
-        backend: if either changes, remove our state under the old config before swapping."""
-        old = self.reconciler.config
-        if (old.tunnel.name, old.firewall.backend) != (new.tunnel.name, new.firewall.backend):
+    @property
+    def config(self) -> Config:
+        return self.reconciler.config  # type: ignore[return-value]
+
+    # --- syncing ----------------------------------------------------------------------------
+    def _switch_config(self, new: Config) -> str | None:
+        """In the worker thread, between syncs. Returns why the old state could not be removed."""
+        old = self.config
+        if identity(old) != identity(new):
             result = self.reconciler.sync(teardown=True)
             if result.error is not None:
-                log.error("reload: removing the old tunnel/rules failed: %s", result.error)
+                return str(result.error)
+            log.info("reload: removed our state under the old config (%d change(s))", len(result.plan.actions),
+                     extra={"MAPE_EVENT": "reload", "MAPE_CAUSE": "reload"})  # fmt: skip
             self.reconciler.kernel = self.make_kernel(new)
+            self.reconciler.kernel.bind_canonical(self.records.record.nft_canonical)
         self.reconciler.config = new
+        self.runner.schedule.period = new.daemon.sync_interval
+        self.runner.schedule.backoff_max = min(60.0, new.daemon.sync_interval)
+        return None
 
-    async def sync_once(self) -> bool:
-        reloaded, self.pending = self.pending, None
+    async def sync_once(self, cause: str) -> bool:
+        reloaded = self.pending
         if reloaded is not None:
-            await asyncio.to_thread(self.switch_config, reloaded)
-            self.runner.schedule.period = reloaded.daemon.sync_interval
+            problem = await asyncio.to_thread(self._switch_config, reloaded)
+            if problem is not None:
+                log.error(
+                    "reload: removing our state under the old config failed, so the old config stays and the "
+                    "reload is retried: %s",
+                    problem,
+                    extra={"MAPE_EVENT": "error", "MAPE_CAUSE": cause},
+                )
+                notify("READY=1")
+                return False
+            self.pending = None
+            self.loaded_at = time.time()
+            log.info("reload: %s applied", self.path, extra={"MAPE_EVENT": "reload", "MAPE_CAUSE": "reload"})
+        self.syncs += 1
         result = await asyncio.to_thread(self.reconciler.sync)
-        if reloaded is not None:
-            log.info("reload: %s applied", self.path)
-            notify("READY=1")
-        ipv4 = str(result.params.ipv4) if result.params else None
-        event = "prefix-change" if ipv4 != self.last_ipv4 else "sync"
-        # A traceback only for what we did not expect; kernel refusals are explained by their message.
-        trace = result.error if result.error is not None and not isinstance(result.error, MapeError) else None
-        if result.error is not None:
-            done = f" after {result.applied} of {len(result.plan.actions)} changes" if result.plan else ""
-            log.error("sync failed%s: %s (retrying)", done, result.error, extra=fields(result, "error"), exc_info=trace)
-        elif result.plan:
-            log.info("sync: %s; %d change(s), %d write(s) in %.0f ms", status_line(result), len(result.plan.actions),
-                     result.writes, result.seconds * 1000, extra=fields(result, event))  # fmt: skip
-        self.last_ipv4 = ipv4
-        write_state(result)
-        if result.ok and not self.ready:
+        self.last = result
+        self._report(result, cause)
+        if isinstance(result.error, CannotRunHere):
+            log.error("this host cannot run mape-daemon: %s", result.error, extra=fields(result, "error", cause))
+            self.exit_code = EXIT_UNAVAILABLE
+            self.runner.stop()
+        if result.recheck_in is not None:
+            self.runner.wake_in(result.recheck_in)
+        self._write_status(result)
+        if result.ok and (not self.ready or reloaded is not None):
             self.ready = True
             notify("READY=1")
+        elif reloaded is not None:
+            notify("READY=1")  # the reload itself is done; the sync's failure is logged and retried
         notify(f"STATUS={status_line(result)}")
         return result.ok
 
+    def _report(self, result: SyncResult, cause: str) -> None:
+        if result.error is not None:
+            done = f" after {result.applied} of {len(result.plan.actions)} changes" if result.plan else ""
+            # A traceback only for what we did not expect; kernel refusals explain themselves.
+            trace = result.error if not isinstance(result.error, MapeError) else None
+            log.error("sync failed%s: %s (retrying)", done, result.error, extra=fields(result, "error", cause),
+                      exc_info=trace)  # fmt: skip
+        lines = describe(result, cause)
+        if result.selection.held and not self.holding:
+            lines.insert(0, Line("hold", f"prefix gone from {self.config.wan.interface}: {result.selection.reason}"))
+        self.holding = result.selection.held
+        for line in lines:
+            log.info("%s", line.text, extra=fields(result, line.event, cause))
+            self.history.append({"time": time.time(), "cause": cause, "event": line.event, "text": line.text})
+        if any(line.event == "repair" for line in lines):
+            self.repairs[cause] += 1  # repair syncs, by what set them off
+        for c in sorted(set(result.conflicts) - set(self.conflicts)):
+            log.warning("conflict: %s", c, extra=fields(result, "conflict", cause))
+        for c in sorted(set(self.conflicts) - set(result.conflicts)):
+            log.info("conflict resolved: %s", c, extra=fields(result, "conflict", cause))
+        self.conflicts = result.conflicts
+
+    def _write_status(self, result: SyncResult) -> None:
+        p = result.params
+        write_json(self.state_dir / "state.json", {
+            "pid": os.getpid(),
+            "last_sync": result.started,
+            "ok": result.ok,
+            "error": str(result.error) if result.error else None,
+            "changes": len(result.plan.actions),
+            "reason": result.selection.reason,
+            "held": result.selection.held,
+            "prefix": str(p.end_user_prefix) if p else None,
+            "isp": p.rule.isp if p else None,
+            "rule": str(p.rule.ipv6_prefix) if p else None,
+            "ipv4": str(p.ipv4) if p else None,
+            "psid": p.psid if p else None,
+            "psid_len": p.psid_len if p else None,
+            "psid_offset": p.psid_offset if p else None,
+            "ce_ipv6": str(p.ce_ipv6) if p else None,
+            "ports": p.ports if p else None,
+            "tunnel_name": self.config.tunnel.name,
+            "conflicts": list(result.conflicts),
+            "history": list(self.history),
+            "repairs": dict(self.repairs),
+            "watcher_restarts": self.watcher_restarts,
+            "config_loaded_at": self.loaded_at,
+        })  # fmt: skip
+
+    # --- signals ----------------------------------------------------------------------------
     def reload(self) -> None:
         notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             new = load(self.path)
         except ConfigError as e:
-            log.error("reload: keeping the running config: %s", e, extra={"MAPE_EVENT": "error"})
+            running = "the config loaded at " + time.strftime("%H:%M:%S", time.localtime(self.loaded_at))
+            if self.pending is not None:
+                running = "the previous reload's config (newer, good, about to be applied)"
+            log.error("reload: %s; nothing changes, staying with %s", e, running,
+                      extra={"MAPE_EVENT": "error", "MAPE_CAUSE": "reload"})  # fmt: skip
             notify("READY=1")
             return
+        for w in new.warnings():
+            log.warning("reload: %s", w, extra={"MAPE_EVENT": "config", "MAPE_CAUSE": "reload"})
         self.pending = new  # applied by the next sync (never halfway through one), which says READY=1
-        self.runner.trigger()
+        self.runner.trigger("reload", urgent=True)
+
+    # --- watchdog and events ----------------------------------------------------------------
+    def health_bound(self) -> float:
+        """How old the last sync attempt may be while we call ourselves healthy."""
+        return 2 * self.runner.schedule.period + 10
 
     async def watchdog(self) -> None:
         usec = int(os.environ.get("WATCHDOG_USEC", "0"))
         while usec:
-            notify("WATCHDOG=1")
-            await asyncio.sleep(usec / 2e6)
+            if self.runner.schedule.healthy(time.monotonic(), self.health_bound()):
+                notify("WATCHDOG=1")
+            await asyncio.sleep(usec / 4e6)
 
-    async def run(self) -> int:
+    async def events(self, bound: asyncio.Future) -> None:
+        """The netlink watcher, supervised: resubscribed after an overflow (events were lost, so a
+        full sync runs), restarted with backoff if it dies."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
         from .kernel.watch import watch
 
+        delay = 1.0
+        while True:
+
+            def subscribed() -> None:
+                if not bound.done():
+                    bound.set_result(True)
+
+            try:
+                await watch(lambda _event: self.runner.trigger("event"), subscribed, self.rcvbuf)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if not bound.done():
+                    bound.set_exception(e)
+                    return
+                # pyroute2 reports an overflowed socket as NetlinkError or OSError with ENOBUFS.
+                overflow = (e.code if isinstance(e, NetlinkError) else getattr(e, "errno", None)) == errno.ENOBUFS
+                self.watcher_restarts += 1
+                if overflow:
+                    log.warning("netlink events overflowed the socket (some were lost): full sync, new subscription",
+                                extra={"MAPE_EVENT": "watcher", "MAPE_CAUSE": "event"})  # fmt: skip
+                    delay = 1.0
+                else:
+                    log.error("netlink watcher died (%s: %s); restarting it in %.0f s", type(e).__name__, e, delay,
+                              extra={"MAPE_EVENT": "watcher", "MAPE_CAUSE": "event"})  # fmt: skip
+                self.runner.trigger("event")
+                if not overflow:
+                    await asyncio.sleep(delay)
+                    delay = min(WATCHER_BACKOFF_MAX, delay * 2)
+
+    async def run(self) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.runner.stop)
-        bound = asyncio.Event()
-        watcher = asyncio.create_task(watch(lambda _event: self.runner.trigger(), bound.set))
-        await bound.wait()  # subscribed before the first sync reads the kernel: no event is lost
+        bound: asyncio.Future = loop.create_future()
+        watcher = asyncio.create_task(self.events(bound))
+        try:
+            await bound  # subscribed before the first sync reads the kernel: no event is lost
+        except Exception as e:
+            raise CannotRunHere(f"cannot subscribe to netlink events: {e}") from None
         dog = asyncio.create_task(self.watchdog())
         try:
             await self.runner.run()
@@ -169,20 +313,61 @@ class Service:
             watcher.cancel()
             dog.cancel()
         notify("STOPPING=1")
-        if self.reconciler.config.daemon.on_stop == "remove":
-            result = await asyncio.to_thread(self.reconciler.sync, True)
-            log.info("stopped: removed %d object(s) of ours", len(result.plan.actions), extra=fields(result, "stop"))
-        return 0
+        code = await self.stop()
+        return self.exit_code or code
+
+    async def stop(self) -> int:
+        if self.config.daemon.on_stop != "remove" and self.exit_code == EXIT_OK:
+            log.info("stopped: our state stays (daemon.on_stop = keep)", extra={"MAPE_EVENT": "stop"})
+            return EXIT_OK
+        result = await asyncio.to_thread(self.reconciler.sync, True)
+        if isinstance(result.error, CannotRunHere) and not result.plan:
+            return EXIT_UNAVAILABLE  # it could not even read the kernel: nothing of ours was made
+        if result.error is not None:
+            log.error("stopped, but removing our state failed after %d of %d change(s): %s; run "
+                      "`mape-daemon cleanup` to finish", result.applied, len(result.plan.actions), result.error,
+                      extra=fields(result, "stop", "stop"))  # fmt: skip
+            return EXIT_FAILURE
+        log.info("stopped: removed %d object(s) of ours", result.applied, extra=fields(result, "stop", "stop"))
+        return EXIT_OK
+
+
+def _stop_before(spec: str, syncs: Callable[[], int]) -> Callable[[Any], None]:
+    """MAPE_DEBUG_STOP_BEFORE=KIND[:N][@S]: SIGSTOP this process before the Nth action of KIND
+    (tunnel, address, route, routingrule, firewall, nft, conntrack) within one sync, from its Sth
+    sync on (default 1), so a test can kill -9 it at that point of a sync."""
+    what, _, from_sync = spec.partition("@")
+    kind, _, n = what.partition(":")
+    seen = {"sync": 0, "count": 0}
+
+    def hook(action: Any) -> None:
+        if syncs() < int(from_sync or 1):
+            return
+        if seen["sync"] != syncs():
+            seen["sync"], seen["count"] = syncs(), 0
+        obj = getattr(action, "obj", action)
+        name = {"FirewallChange": "firewall", "NftChange": "nft", "ConntrackCleanup": "conntrack"}.get(
+            type(action).__name__, type(obj).__name__.lower()
+        )
+        if name == kind:
+            seen["count"] += 1
+            if seen["count"] == int(n or 1):
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+    return hook
 
 
 def main(config_path: str) -> int:
-    from .kernel import LinuxKernel, make_firewall
+    from .kernel import LinuxKernel, make_iptables
 
     setup_logging()
     config = load(config_path)  # a ConfigError here exits 78 (cli)
+    for w in config.warnings():
+        log.warning("%s", w, extra={"MAPE_EVENT": "config"})
 
     def make_kernel(cfg: Config) -> LinuxKernel:
-        return LinuxKernel(make_firewall(cfg.firewall.backend))
+        return LinuxKernel(make_iptables(cfg.firewall.backend))
 
-    reconciler = Reconciler(config, make_kernel(config))
-    return asyncio.run(Service(config_path, config, reconciler, make_kernel).run())
+    with exclusive(STATE_DIR, "running a second daemon"):
+        records = RecordFile(STATE_DIR)
+        return asyncio.run(Service(config_path, config, records, make_kernel).run())

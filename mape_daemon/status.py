@@ -8,6 +8,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+HISTORY_SHOWN = 8
+
 
 def port_usage(ports: list[tuple[str, int]], ranges: list[tuple[int, int]]) -> dict[str, Any]:
     """Per protocol: ports in use out of the set, and the fullest block (the first to run out)."""
@@ -29,7 +31,7 @@ def port_usage(ports: list[tuple[str, int]], ranges: list[tuple[int, int]]) -> d
     return out
 
 
-def collect(state_dir: Path, tunnel: str) -> dict[str, Any]:
+def collect(state_dir: Path) -> dict[str, Any]:
     from .kernel import conntrack
     from .kernel.netlink import Netlink
     from .mapcalc import port_ranges
@@ -38,12 +40,14 @@ def collect(state_dir: Path, tunnel: str) -> dict[str, Any]:
     try:
         state = json.loads(path.read_text())
     except (OSError, ValueError):
-        state = {"error": f"no state at {path}: is mape-daemon running?"}
-    with Netlink() as nl:
-        links = nl.links()
-        live = nl.tunnel(tunnel, links) if tunnel in links else None
-        up = bool(live) and nl.ipr.get_links(links[tunnel])[0].get_attr("IFLA_OPERSTATE") in ("UP", "UNKNOWN")
-    state["tunnel"] = {"name": tunnel, "present": live is not None, "up": up,
+        return {"ok": False, "error": f"no state at {path}: is mape-daemon running?"}
+    tunnel = state.get("tunnel_name", "ip6tnl1")
+    nl = Netlink()
+    try:
+        live = nl.tunnels().get(tunnel)
+    finally:
+        nl.close()
+    state["tunnel"] = {"name": tunnel, "present": live is not None, "up": bool(live and live.up),
                        "local": live.local if live else None, "remote": live.remote if live else None}  # fmt: skip
     if state.get("ipv4") and state.get("psid") is not None:
         ranges = list(port_ranges(state["psid"], state["psid_len"], state["psid_offset"]))
@@ -68,4 +72,14 @@ def to_text(s: dict[str, Any]) -> str:
         fb = u["fullest_block"]
         full = f", fullest block {fb['range'][0]}-{fb['range'][1]}: {fb['in_use']}/{fb['size']}" if fb else ""
         lines.append(f"{proto + ':':11} {u['in_use']} of {u['of']} ports in use{full}")
+    for c in s.get("conflicts", []):
+        lines.append(f"CONFLICT:   {c}")
+    if s.get("repairs"):
+        lines.append("repairs:    " + ", ".join(f"{n} by {cause}" for cause, n in sorted(s["repairs"].items())))
+    history = s.get("history", [])[-HISTORY_SHOWN:]
+    if history:
+        lines.append("last changes:")
+        for h in history:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["time"]))
+            lines.append(f"  {when} [{h['cause']}] {h['text']}")
     return "\n".join(lines)
