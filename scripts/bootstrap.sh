@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   gcc pkg-config libsystemd-dev python3-dev python3-venv  # systemd-python builds from source
-  iproute2 iptables conntrack                             # the kernel tools the daemon drives
+  iproute2 iptables libnftables1                          # what the daemon drives (iptables, its nft table)
+  nftables conntrack                                      # the tests read the kernel with nft and conntrack
   qemu-system-x86 linux-image-amd64 busybox-static        # the lab VM (tests/lab)
   radvd ppp pppoe                                         # the lab's simulated ISP
   dpkg-dev debhelper                                      # the Debian package (packaging/)
