@@ -1,16 +1,18 @@
 """A stateful fake kernel for the reconciler's logic (kube-proxy style: state, not call mocks).
 
-It keeps foreign objects beside ours, filters them out of observe() the way the real adapters
-do, and refuses what the kernel refuses (an address on a missing link, deleting a chain that is
-still jumped to). The contract tests run against it and against the real kernel alike.
+It keeps foreign objects beside ours and refuses what the kernel refuses: an address on a missing
+link, a second tunnel with the same endpoints, a route in a slot another route holds (exclusive
+create), deleting a chain that is still jumped to. The contract tests run against it and against
+the real kernel alike, which keeps it honest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Iterable
 
-from mape_daemon.errors import RetryableError
-from mape_daemon.plan import Action, ConntrackFlush, FirewallChange, NetAction
+from mape_daemon.errors import CannotRunHere, ConflictError, RetryableError
+from mape_daemon.plan import Action, ConntrackCleanup, FirewallChange, NetAction, NftChange, RpFilterChange
 from mape_daemon.state import (
     BUILTIN_CHAINS,
     CHAIN_PREFIX,
@@ -19,40 +21,58 @@ from mape_daemon.state import (
     Chain,
     Jump,
     Observed,
+    Query,
     Route,
     RoutingRule,
-    State,
-    Sysctl,
     Tunnel,
     WanAddress,
 )
 
 
 class FakeKernel:
-    def __init__(self, links: Iterable[str] = ("wan0", "lan0"), wan: str = "wan0"):
-        self.links = set(links)
+    backend = "fake"
+
+    def __init__(self, links: Iterable[str] = ("wan0", "lan0"), wan: str = "wan0", ip6tnl: bool = True):
+        self.links: dict[str, str] = dict.fromkeys(links, "")
         self.wan = wan
+        self.ip6tnl = ip6tnl
         self.wan_addrs: list[WanAddress] = []
+        self.ce_addrs: set[tuple[str, str]] = set()  # /128s with nodad noprefixroute: (ifname, address)
         self.tunnels: dict[str, Tunnel] = {}
-        self.addresses: set[Address] = set()
+        self.addresses: set[Address] = set()  # IPv4 addresses on tunnels
         self.routes: dict[Route, int] = {}  # route -> protocol
         self.rules: dict[RoutingRule, int] = {}
-        self.sysctl: dict[str, str] = {}
+        self.rp_filter: dict[str, int] = {"all": 0}
         self.fw = FakeFirewall()
         self.chains, self.builtin = self.fw.chains, self.fw.builtin
-        self.flushed: list[str] = []
+        self.nft: str | None = None
+        self.cleanups: list[ConntrackCleanup] = []
+        self.conntrack_deleted = 0
         self.writes = 0
+        self.fail_on: type | None = None  # make the next action of this class fail (once)
 
     # --- test helpers ------------------------------------------------------------------------
-    def slaac(self, address: str, deprecated: bool = False) -> None:
+    def slaac(self, address: str, deprecated: bool = False, preferred_lft: int = 3600) -> None:
         self.wan_addrs = [w for w in self.wan_addrs if w.address != address]
-        self.wan_addrs.append(WanAddress(address, 64, deprecated, False, False))
+        self.wan_addrs.append(WanAddress(address, 64, deprecated, False, False, 0 if deprecated else preferred_lft))
 
     def deprecate_all(self) -> None:
-        self.wan_addrs = [WanAddress(w.address, w.prefixlen, True, w.tentative, w.ours_shape) for w in self.wan_addrs]
+        self.wan_addrs = [
+            WanAddress(w.address, w.prefixlen, True, w.tentative, w.ours_shape, 0) for w in self.wan_addrs
+        ]
 
     def drop_slaac(self) -> None:
-        self.wan_addrs = [w for w in self.wan_addrs if w.ours_shape]
+        self.wan_addrs = []
+
+    def link_down(self, name: str) -> None:
+        """What the kernel does when a link goes down: IPv6 addresses go, and with a tunnel
+        down, the IPv4 routes through it."""
+        if name == self.wan:
+            self.wan_addrs, self.ce_addrs = [], {a for a in self.ce_addrs if a[0] != name}
+        if name in self.tunnels:
+            t = self.tunnels[name]
+            self.tunnels[name] = Tunnel(**{**t.__dict__, "up": False})
+            self.routes = {r: p for r, p in self.routes.items() if r.dev != name}
 
     def apply_del_tunnel(self, name: str) -> None:
         """Someone deletes the tunnel by hand (with it go its addresses and routes)."""
@@ -61,40 +81,60 @@ class FakeKernel:
     def snapshot(self) -> tuple:
         tables = [sorted((k, tuple(v)) for k, v in d.items()) for d in (self.chains, self.builtin)]
         return (
-            sorted(self.links), sorted(self.wan_addrs, key=str), sorted(self.tunnels.items()), sorted(self.addresses),
-            sorted(self.routes.items()), sorted(self.rules.items()), sorted(self.sysctl.items()), *tables,
+            sorted(self.links.items()), sorted(self.wan_addrs, key=str), sorted(self.ce_addrs),
+            sorted(self.tunnels.items()), sorted(self.addresses), sorted(self.routes.items()),
+            sorted(self.rules.items()), sorted(self.rp_filter.items()), self.nft, *tables,
         )  # fmt: skip
 
     # --- the port ---------------------------------------------------------------------------
-    def observe(self, tunnel: str, wan: str, is_ce: Callable[[str], bool]) -> Observed:
-        tun = self.tunnels.get(tunnel)
-        addrs = {a for a in self.addresses if tun and a.ifname == tunnel}
-        addrs |= {Address(wan, w.address, 128) for w in self.wan_addrs if w.ours_shape and is_ce(w.address)}
-        chains = frozenset(Chain(t, n, tuple(r)) for (t, n), r in self.chains.items() if n.startswith(CHAIN_PREFIX))
-        jumps = tuple(Jump(t, c, r) for (t, c), rules in sorted(self.builtin.items()) for r in rules if "-j MAPE-" in r)
-        state = State(
-            tun,
-            frozenset(addrs),
-            frozenset(r for r, p in self.routes.items() if p == RT_PROTO),
-            frozenset(r for r, p in self.rules.items() if p == RT_PROTO),
-            frozenset(),
-            chains,
-            jumps,
+    def session(self):
+        return contextlib.nullcontext()
+
+    def bind_canonical(self, canonical: dict[str, str]) -> None:
+        pass
+
+    def nft_matches(self, script: str | None, listed: str | None) -> bool:
+        return script == listed
+
+    def observe(self, q: Query) -> Observed:
+        wan = list(self.wan_addrs)
+        wan += [WanAddress(a, 128, False, False, True) for i, a in sorted(self.ce_addrs) if i == q.wan]
+        addrs = {Address(i, a, 128) for i, a in self.ce_addrs if (i, a) in q.addresses}
+        addrs |= {a for a in self.addresses if a.ifname in q.tunnels and a.ifname in self.tunnels}
+        chains, jumps = self.fw.observe()
+        return Observed(
+            links=dict(self.links),
+            wan=tuple(wan),
+            tunnels=dict(self.tunnels),
+            addresses=frozenset(addrs),
+            routes=frozenset(r for r, p in self.routes.items() if p == RT_PROTO),
+            foreign_routes=frozenset(r for r, p in self.routes.items() if p != RT_PROTO and r.table in q.route_tables),
+            rules=frozenset(r for r, p in self.rules.items() if p == RT_PROTO),
+            foreign_rules=frozenset(r for r, p in self.rules.items() if p != RT_PROTO),
+            rp_filter={"all": self.rp_filter["all"]}
+            | {i: self.rp_filter.get(i, 1) for i in q.rp_filter if i in self.links},
+            chains=chains,
+            jumps=jumps,
+            nft=self.nft,
         )
-        return Observed(state, tuple(self.wan_addrs), frozenset(self.links))
 
-    def sysctls(self, keys: Iterable[str]) -> frozenset[Sysctl]:
-        return frozenset(Sysctl(k, self.sysctl[k]) for k in keys if k in self.sysctl)
-
-    def normalize(self, state: State) -> State:
+    def normalize(self, state):
         return state
 
     def apply(self, action: Action) -> None:
+        if self.fail_on is not None and isinstance(action, self.fail_on):
+            self.fail_on = None
+            raise RetryableError(f"injected failure of {action}")
         self.writes += 1
-        if isinstance(action, ConntrackFlush):
-            self.flushed.append(action.ipv4)
+        if isinstance(action, ConntrackCleanup):
+            self.cleanups.append(action)
         elif isinstance(action, FirewallChange):
             self.fw.apply(action)
+        elif isinstance(action, NftChange):
+            self.nft = action.script
+        elif isinstance(action, RpFilterChange):
+            self._need_link(action.ifname)
+            self.rp_filter[action.ifname] = int(action.value)
         else:
             self._net(action)
 
@@ -107,46 +147,55 @@ class FakeKernel:
         if isinstance(obj, Tunnel):
             if op == "add":
                 self._need_link(obj.link)
-                if obj.name not in self.links:
-                    self.tunnels[obj.name] = obj
-                    self.links.add(obj.name)
-            elif op == "set-mtu":
+                if not self.ip6tnl:
+                    raise CannotRunHere(f"create tunnel {obj.name}: this kernel has no ip6tnl support")
+                if obj.name in self.tunnels and self.tunnels[obj.name].settable(obj):
+                    return  # ours, from an earlier try whose answer was lost (as the real adapter)
+                if obj.name in self.links:
+                    raise ConflictError(f"interface {obj.name} already exists")
+                if any((t.local, t.remote) == (obj.local, obj.remote) for t in self.tunnels.values()):
+                    raise ConflictError(f"an ip6tnl already connects {obj.local} to {obj.remote}")
+                self.tunnels[obj.name] = obj
+                self.links[obj.name] = "ip6tnl"
+            elif op == "set":
                 self.tunnels[obj.name] = obj
             elif obj.name in self.tunnels:
                 del self.tunnels[obj.name]
-                self.links.discard(obj.name)
+                del self.links[obj.name]
                 self.addresses = {a for a in self.addresses if a.ifname != obj.name}
                 self.routes = {r: p for r, p in self.routes.items() if r.dev != obj.name}
         elif isinstance(obj, Address):
             if op == "add":
                 self._need_link(obj.ifname)
                 if obj.family == 6:
-                    self.wan_addrs.append(WanAddress(obj.address, 128, False, False, True))
+                    self.ce_addrs.add((obj.ifname, obj.address))
                 else:
                     self.addresses.add(obj)
             else:
-                self.wan_addrs = [w for w in self.wan_addrs if not (w.ours_shape and w.address == obj.address)]
+                self.ce_addrs.discard((obj.ifname, obj.address))
                 self.addresses.discard(obj)
         elif isinstance(obj, Route):
             if op == "del":
-                self.routes.pop(obj, None)
+                if self.routes.get(obj) == RT_PROTO:
+                    del self.routes[obj]
             else:
-                self._need_link(obj.dev)
-                for r in [r for r in self.routes if (r.table, r.dst, r.metric) == (obj.table, obj.dst, obj.metric)]:
-                    del self.routes[r]
+                if obj.dev:
+                    self._need_link(obj.dev)
+                holder = next((r for r in self.routes if r.key == obj.key), None)
+                if holder is not None and (holder != obj or self.routes[holder] != RT_PROTO):
+                    raise ConflictError(f"route slot {obj.key} is taken")  # exclusive create
                 self.routes[obj] = RT_PROTO
         elif isinstance(obj, RoutingRule):
             if op == "add":
+                if self.rules.get(obj, RT_PROTO) != RT_PROTO:
+                    raise ConflictError(f"an identical rule exists: {obj}")
                 self.rules[obj] = RT_PROTO
-            else:
-                self.rules.pop(obj, None)
-        elif isinstance(obj, Sysctl):
-            self._need_link(obj.key.split(".")[3])
-            self.sysctl[obj.key] = obj.value
+            elif self.rules.get(obj) == RT_PROTO:
+                del self.rules[obj]
 
 
 class FakeFirewall:
-    """The netfilter part: our chains and the built-in chains' rules, as iptables-save text."""
+    """The iptables part: our chains and the built-in chains' rules, as iptables-save text."""
 
     name = "fake"
 

@@ -4,20 +4,23 @@ provides a `world` fixture and imports the tests below, so the fake cannot drift
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import pytest
 
 from mape_daemon.config import Config, parse
-from mape_daemon.plan import FirewallChange, NetAction
+from mape_daemon.plan import FirewallChange, NetAction, NftChange
 from mape_daemon.reconciler import KernelPort, Reconciler
+from mape_daemon.record import RecordFile
 
-CONFIG_TEXT = '[wan]\ninterface = "wan0"\n[pppoe]\nlan_interfaces = ["lan0"]\nhosts = ["192.168.1.55/32"]\n'
+CONFIG_TEXT = '[wan]\ninterface = "wan0"\n[lan]\ninterfaces = ["lan0"]\n[pppoe]\nhosts = ["192.168.1.55/32"]\n'
 CE = "2400:4050:1234:5600:99:f048:d100:1600"
 
 
 class World(Protocol):
     kernel: KernelPort
+    state_dir: Path
 
     def damage(self, what: str) -> None: ...
     def add_foreign(self) -> None: ...
@@ -34,15 +37,21 @@ def kinds(plan) -> set[str]:
     for a in plan.actions:
         if isinstance(a, FirewallChange):
             out.add(a.table)
+        elif isinstance(a, NftChange):
+            out.add("nft")
         elif isinstance(a, NetAction):
             out.add(type(a.obj).__name__.lower())
         else:
-            out.add("conntrack")
+            out.add(type(a).__name__.lower())
     return out
 
 
+def reconciler(world: World, cfg: Config | None) -> Reconciler:
+    return Reconciler(cfg, world.kernel, RecordFile(world.state_dir))
+
+
 def converge(world: World, cfg: Config) -> Reconciler:
-    r = Reconciler(cfg, world.kernel)
+    r = reconciler(world, cfg)
     result = r.sync()
     assert result.ok, result.error
     assert result.params is not None and str(result.params.ce_ipv6) == CE
@@ -59,8 +68,11 @@ def check_converge_then_noop(world: World, cfg: Config) -> None:
 DRIFT = {
     "tunnel-deleted": {"tunnel", "address", "route"},
     "tunnel-remote-changed": {"tunnel", "address", "route"},
-    "snat-flushed": {"nat"},
+    "tunnel-down": {"tunnel", "route"},
+    "snat-flushed": {"nat", "conntrackcleanup"},
+    "guard-deleted": {"nft", "conntrackcleanup"},
     "fwmark-rule-deleted": {"routingrule"},
+    "ce-address-deleted": {"address"},
 }
 
 
@@ -74,10 +86,18 @@ def check_drift_repaired_alone(world: World, cfg: Config, what: str) -> None:
 
 
 def check_foreign_untouched(world: World, cfg: Config) -> None:
+    """Another program's routes (a default in main at our metric, one in table 10), its rule
+    beside ours and its chains survive a sync and the teardown byte for byte; the route slot it
+    holds is reported as a conflict, not taken."""
     world.add_foreign()
     before = world.foreign()
-    r = converge(world, cfg)
+    r = reconciler(world, cfg)
+    result = r.sync()
+    assert result.ok, result.error
+    assert any("route slot taken" in c and "nodefaultroute" in c for c in result.conflicts), result.conflicts
     assert world.foreign() == before, (world.foreign(), before)
+    again = r.sync()
+    assert again.writes == 0 and not again.plan, str(again.plan)
     assert r.sync(teardown=True).ok
     assert world.foreign() == before, (world.foreign(), before)
     left = world.leftovers()
@@ -86,20 +106,39 @@ def check_foreign_untouched(world: World, cfg: Config) -> None:
 
 def check_primitives_are_idempotent(world: World, cfg: Config) -> None:
     """Every action applied twice (add twice, delete twice) is no error, and a sync converges."""
-    r = Reconciler(cfg, world.kernel)
-    plan = r.compute().plan
-    for action in plan.actions:
-        world.kernel.apply(action)
-        if isinstance(action, NetAction):
+    r = reconciler(world, cfg)
+    with world.kernel.session():
+        plan = r.compute().plan
+        for action in plan.actions:
+            r._note_intent(action, r.kernel.observe(r.query()))
             world.kernel.apply(action)
+            if isinstance(action, NetAction):
+                world.kernel.apply(action)
+    r.records.save()
     first = r.sync()
     assert first.ok, first.error
     assert not r.sync().plan, str(first.plan)
-    teardown = r.compute(teardown=True).plan
-    for action in teardown.actions:
-        world.kernel.apply(action)
-        if isinstance(action, NetAction):
+    with world.kernel.session():
+        teardown = r.compute(teardown=True).plan
+        for action in teardown.actions:
             world.kernel.apply(action)
+            if isinstance(action, NetAction):
+                world.kernel.apply(action)
+    left = world.leftovers()
+    assert left == [], left
+
+
+def check_cleanup_without_config_after_config_changes(world: World, cfg: Config) -> None:
+    """What we own is found by the record: a config that names another WAN tunnel, or none at
+    all, still removes everything we made."""
+    converge(world, cfg)
+    renamed = parse(CONFIG_TEXT.replace("[pppoe]", '[tunnel]\nname = "mape0"\n[pppoe]'))
+    r = reconciler(world, renamed)
+    result = r.sync()
+    assert result.ok, result.error
+    assert r.sync().writes == 0
+    result = reconciler(world, None).sync(teardown=True)
+    assert result.ok, result.error
     left = world.leftovers()
     assert left == [], left
 
@@ -119,3 +158,7 @@ def test_foreign_untouched(world):
 
 def test_primitives_are_idempotent(world):
     check_primitives_are_idempotent(world, config())
+
+
+def test_cleanup_without_config_after_config_changes(world):
+    check_cleanup_without_config_after_config_changes(world, config())

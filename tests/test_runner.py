@@ -1,4 +1,5 @@
-"""The sync schedule: coalescing, minimum interval, backoff, periodic full sync (time by hand)."""
+"""The sync schedule: coalescing, minimum interval, backoff, periodic full sync, causes, reload
+urgency, hold-down wake-ups and the watchdog's health (time by hand)."""
 
 from __future__ import annotations
 
@@ -11,22 +12,22 @@ from mape_daemon.runner import Runner, Schedule
 
 def test_first_sync_is_immediate_then_periodic():
     s = Schedule(min_interval=0.5, period=60)
-    assert s.wait(100.0) == 0
+    assert s.wait(100.0) == 0 and s.cause(100.0) == "start"
     s.started(100.0)
-    s.finished(True)
+    s.finished(True, 101.0)
     assert s.wait(100.0) == 60
-    assert s.wait(159.0) == 1
+    assert s.wait(159.0) == 1 and s.cause(160.0) == "periodic"
 
 
 def test_a_burst_of_triggers_is_one_sync_after_the_minimum_interval():
     s = Schedule(min_interval=0.5, period=60)
     s.started(10.0)
-    s.finished(True)
+    s.finished(True, 10.0)
     for _ in range(20):
-        s.pending = True  # twenty events in a row
-    assert s.wait(10.1) == pytest.approx(0.4)
+        s.causes.add("event")  # twenty events in a row
+    assert s.wait(10.1) == pytest.approx(0.4) and s.cause(10.5) == "event"
     s.started(10.5)
-    s.finished(True)
+    s.finished(True, 10.5)
     assert s.wait(10.5) == 60  # all twenty were served by that one sync
 
 
@@ -35,20 +36,53 @@ def test_failures_back_off_exponentially_up_to_the_cap_and_success_resets():
     delays = []
     for i in range(6):
         s.started(float(i * 100))
-        s.finished(False)
+        s.finished(False, float(i * 100))
         delays.append(s.wait(float(i * 100)))
-    assert delays == [1, 2, 4, 8, 8, 8]
+    assert delays == [1, 2, 4, 8, 8, 8] and s.cause(600.0) == "retry"
     s.started(1000.0)
-    s.finished(True)
+    s.finished(True, 1000.0)
     assert s.wait(1000.0) == s.period
+
+
+def test_a_reload_runs_at_once_even_during_a_backoff():
+    """Before: READY=1 after a reload waited out a running backoff (up to a minute)."""
+    s = Schedule(min_interval=0.5, backoff_first=30, backoff_max=60)
+    s.started(0.0)
+    s.finished(False, 0.0)
+    s.failures = 2
+    assert s.wait(1.0) > 50
+    s.causes.add("reload")
+    s.urgent = True
+    assert s.wait(1.0) == 0 and s.cause(1.0) == "reload"
+
+
+def test_a_hold_down_wake_up_is_kept_and_named():
+    s = Schedule(min_interval=0.5, period=60)
+    s.started(0.0)
+    s.finished(True, 0.0)
+    s.wake_at = 10.0
+    assert s.wait(0.0) == 10 and s.cause(10.0) == "hold-down"
+    s.started(10.0)
+    assert s.wake_at is None
+
+
+def test_health_is_the_age_of_the_last_attempt_not_the_loop():
+    s = Schedule(period=60)
+    assert s.healthy(0.0, bound=130)
+    s.started(0.0)
+    assert s.healthy(100.0, bound=130)  # a long sync, still within the bound
+    assert not s.healthy(131.0, bound=130)  # wedged in a kernel call: no more watchdog pings
+    s.finished(False, 131.0)
+    assert s.healthy(200.0, bound=130)  # failed, and retried on schedule: alive
+    assert not s.healthy(262.0, bound=130)  # no attempt for too long
 
 
 def test_runner_coalesces_and_stops():
     async def scenario():
         calls = []
 
-        async def sync():
-            calls.append(loop.time())
+        async def sync(cause):
+            calls.append((loop.time(), cause))
             if len(calls) == 2:
                 runner.stop()
             return True
@@ -63,5 +97,5 @@ def test_runner_coalesces_and_stops():
         return calls
 
     calls = asyncio.run(scenario())
-    assert len(calls) == 2  # ten triggers, one sync
-    assert calls[1] - calls[0] >= 0.05
+    assert [c for _, c in calls] == ["start", "event"]  # ten triggers, one sync
+    assert calls[1][0] - calls[0][0] >= 0.05

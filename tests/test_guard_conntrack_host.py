@@ -1,0 +1,170 @@
+"""The guard table, our nftables adapter and the conntrack cleanups on this machine's own kernel,
+with real traffic through network namespaces (no tunnel needed: the guard matches the outgoing
+interface by name, so a veth named like the tunnel stands in for it).
+
+    client (10.77.0.2) --c0/r0-- router (SNAT, guard) --tnl0/s0-- server (198.51.100.2)
+"""
+
+from __future__ import annotations
+
+import uuid
+from ipaddress import IPv6Address
+
+import pytest
+
+from mape_daemon import desired, rules
+from mape_daemon.config import parse
+from mape_daemon.kernel import conntrack
+from mape_daemon.kernel.netlink import Netlink
+from mape_daemon.kernel.nftables import NftTable
+from mape_daemon.mapcalc import compute
+from tests.hostns import inside
+from tests.lab import traffic
+from tests.lab.netns import call, sh, spawn
+
+SERVER = "198.51.100.2"
+CFG = parse('[wan]\ninterface = "wan0"\n[tunnel]\nname = "tnl0"\n[pppoe]\nhosts = ["10.77.0.55/32"]\n')
+
+
+def params():
+    a = IPv6Address("2400:4050:1234:5600::1")
+    return compute(rules.bundled().match(a), a)
+
+
+P = params()  # 153.240.72.209, psid 22: ports 1376-1391, 2400-2415, ...
+
+
+@pytest.fixture(scope="module")
+def topo():
+    tag = uuid.uuid4().hex[:6]
+    client, router, server = f"gc{tag}", f"gr{tag}", f"gs{tag}"
+    pids = []
+    try:
+        for ns in (client, router, server):
+            sh(None, "ip", "netns", "add", ns)
+            sh(ns, "ip", "link", "set", "lo", "up")
+        sh(None, "ip", "link", "add", "c0", "netns", client, "type", "veth", "peer", "r0", "netns", router)
+        sh(None, "ip", "link", "add", "tnl0", "netns", router, "type", "veth", "peer", "s0", "netns", server)
+        for ns, dev, addr in ((client, "c0", "10.77.0.2/24"), (router, "r0", "10.77.0.1/24"),
+                              (router, "tnl0", f"{P.ipv4}/32"), (server, "s0", f"{SERVER}/24")):  # fmt: skip
+            sh(ns, "ip", "addr", "add", addr, "dev", dev)
+            sh(ns, "ip", "link", "set", dev, "up")
+        sh(client, "ip", "addr", "add", "10.77.0.55/24", "dev", "c0")
+        sh(client, "ip", "route", "add", "default", "via", "10.77.0.1")
+        sh(router, "ip", "route", "add", "default", "dev", "tnl0")
+        sh(server, "ip", "route", "add", f"{P.ipv4}/32", "dev", "s0")
+        sh(router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        pids.append(spawn(server, traffic.serve, f"/tmp/{server}.jsonl", SERVER))
+        yield client, router, server
+    finally:
+        import os
+        import signal
+
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        for ns in (client, router, server):
+            sh(None, "ip", "netns", "del", ns, check=False)
+
+
+def snat(router: str, on: bool) -> None:
+    lo, hi = P.port_ranges[3]
+    rules_ = "".join(f"-A POSTROUTING -o tnl0 -p {p} -j SNAT --to-source {P.ipv4}:{lo}-{hi}\n"
+                     for p in ("tcp", "udp", "icmp")) if on else ""  # fmt: skip
+    rules_ += "-A POSTROUTING -o ppp9 -j MASQUERADE\n"  # a user's rule: nat, and so conntrack, stays on
+    sh(router, "iptables-nft-restore", input=f"*nat\n{rules_}COMMIT\n")
+    sh(router, "conntrack", "-F", check=False)
+
+
+def guard_drops(router: str) -> int:
+    out = sh(router, "nft", "list", "chain", "ip", "mape", "tunnel-out")
+    return sum(int(w.split()[0]) for w in out.split("counter packets")[1:])
+
+
+def test_nft_table_is_replaced_whole_read_back_canonical_and_removed(topo):
+    _, router, _ = topo
+    script = desired.guard_table(CFG, P)
+    with inside(router):
+        t = NftTable()
+        t.replace(None)
+        assert t.observe() is None
+        t.replace(script)
+        listed = t.observe()
+        assert listed is not None and listed != script  # nft prints its own form (sets folded, sorted)
+        assert t.expected(script) == listed  # learned: the next sync compares equal and writes nothing
+        assert NftTable(dict(t.canonical)).expected(script) == listed  # kept across a restart via the record
+        t.replace(script)
+        assert t.observe() == listed
+        t.replace(None)
+        assert t.observe() is None
+
+
+def test_guard_passes_what_snat_put_in_the_set_and_drops_the_rest(topo):
+    client, router, _ = topo
+    with inside(router):
+        NftTable().replace(desired.guard_table(CFG, P))
+    try:
+        snat(router, True)
+        lo, hi = P.port_ranges[3]
+        answer = call(client, traffic.tcp_sequential, SERVER, 1)[0]
+        assert answer.split()[0] == str(P.ipv4) and lo <= int(answer.split()[1]) <= hi, answer
+        sh(client, "busybox", "ping", "-c", "1", "-W", "3", SERVER)  # ICMP ids are mapped into the set too
+        assert guard_drops(router) == 0
+
+        snat(router, False)  # our SNAT flushed (firewalld reload, iptables -F): nothing may leave wrong
+        assert call(client, traffic.tcp_sequential, SERVER, 1, 80, 2)[0].startswith("error")
+        assert call(client, traffic.udp_query, SERVER, 7, 1).startswith("error")
+        assert guard_drops(router) >= 2
+        # Dropped before conntrack confirmed them: no wrong mapping is left to outlive the repair.
+        assert "10.77.0.2" not in sh(router, "conntrack", "-L", check=False)
+
+        snat(router, True)  # a host that must use PPPoE never leaves by the tunnel, even SNATed
+        assert call(client, traffic.tcp_sequential, SERVER, 1, 80, 2, "10.77.0.55")[0].startswith("error")
+        assert call(client, traffic.tcp_sequential, SERVER, 1)[0].split()[0] == str(P.ipv4)
+    finally:
+        with inside(router):
+            NftTable().replace(None)
+
+
+def test_conntrack_cleanup_deletes_exactly_the_stale_mappings(topo):
+    client, router, _ = topo
+    snat(router, True)
+    for sport in (41000, 41001, 41002):
+        call(client, traffic.udp_from_port, SERVER, sport)
+    with inside(router):
+        ports = conntrack.nat_ports(str(P.ipv4))
+        lo, hi = P.port_ranges[3]
+        assert len(ports) == 3 and all(proto == "udp" and lo <= port <= hi for proto, port in ports), ports
+        # The set moved to other blocks (a new PSID on the same IPv4): all three are now outside it.
+        assert conntrack.cleanup((), str(P.ipv4), P.port_ranges[:3], None) == 3
+        assert conntrack.nat_ports(str(P.ipv4)) == []
+    for sport in (41003, 41004):
+        call(client, traffic.udp_from_port, SERVER, sport)
+    with inside(router):
+        assert conntrack.cleanup((), str(P.ipv4), P.port_ranges, None) == 0  # all in the set: kept
+        assert conntrack.cleanup((str(P.ipv4),), None, (), None) == 2  # the IPv4 is no longer ours
+    # Entries that left by the tunnel without any NAT (our SNAT was missing, the guard too).
+    snat(router, False)
+    call(client, traffic.udp_from_port, SERVER, 41005)
+    with inside(router):
+        assert conntrack.cleanup((), str(P.ipv4), P.port_ranges, None) == 0
+        assert conntrack.cleanup((), str(P.ipv4), P.port_ranges, "tnl0") == 1
+    assert "sport=41005" not in sh(router, "conntrack", "-L", check=False)
+
+
+def test_sysctl_paths_take_interface_names_with_dots(topo):
+    """Before: `br0.10` became /proc/sys/net/ipv4/conf/br0/10/rp_filter and every sync failed."""
+    _, router, _ = topo
+    sh(router, "ip", "link", "add", "br_lan-0.10", "type", "veth", "peer", "x0")
+    try:
+        sh(router, "sysctl", "-qw", "net.ipv4.conf.br_lan-0/10.rp_filter=1")  # sysctl(8) writes dots as /
+        with inside(router):
+            nl = Netlink()
+            try:
+                assert nl.rp_filter(["br_lan-0.10"])["br_lan-0.10"] == 1
+                nl.set_rp_filter("br_lan-0.10", "2")
+                assert nl.rp_filter(["br_lan-0.10"])["br_lan-0.10"] == 2
+            finally:
+                nl.close()
+    finally:
+        sh(router, "ip", "link", "del", "br_lan-0.10", check=False)

@@ -1,0 +1,102 @@
+"""The service's decisions (reload, stop, cannot-run-here, what the journal says) over the fake
+kernel; the lab tests run the same service against the real one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from mape_daemon.config import parse
+from mape_daemon.plan import NetAction
+from mape_daemon.record import RecordFile
+from mape_daemon.service import EXIT_FAILURE, EXIT_UNAVAILABLE, Service
+from tests.fake_kernel import FakeKernel
+
+BASE = '[wan]\ninterface = "wan0"\n[lan]\ninterfaces = ["lan0"]\n[pppoe]\n'
+SLAAC = "2400:4050:1234:5600:5054:ff:fe12:3456"
+
+
+@pytest.fixture
+def svc(tmp_path):
+    k = FakeKernel(("wan0", "wan1", "lan0", "ppp0"))
+    k.slaac(SLAAC)
+    path = tmp_path / "mape.toml"
+    path.write_text(BASE)
+    s = Service(str(path), parse(BASE), RecordFile(tmp_path / "run"), lambda cfg: k, tmp_path / "run")
+    s.kernel = k
+    return s
+
+
+def sync(svc, cause="event") -> bool:
+    return asyncio.run(svc.sync_once(cause))
+
+
+def test_a_reload_that_changes_what_we_own_removes_the_old_state_first(svc, tmp_path):
+    assert sync(svc, "start")
+    k = svc.kernel
+    old_ce = set(k.ce_addrs)
+    (tmp_path / "mape.toml").write_text(BASE.replace('"wan0"', '"wan1"').replace("[pppoe]", "") + "[tunnel]\n"
+                                        'name = "mape0"\n')  # fmt: skip
+    svc.reload()
+    k.wan = "wan1"
+    assert sync(svc, "reload")
+    assert svc.config.wan.interface == "wan1" and set(k.tunnels) == {"mape0"}
+    assert not (old_ce & k.ce_addrs) and not any(r.table == 10 for r in k.routes)  # no PPPoE any more
+
+
+def test_a_reload_whose_removal_fails_keeps_the_running_config_and_retries(svc, tmp_path, caplog):
+    assert sync(svc, "start")
+    k = svc.kernel
+    (tmp_path / "mape.toml").write_text(BASE + '[tunnel]\nname = "mape0"\n')
+    svc.reload()
+    k.fail_on = NetAction
+    with caplog.at_level(logging.ERROR, "mape-daemon"):
+        assert not sync(svc, "reload")
+    assert "the old config stays and the reload is retried" in caplog.text
+    assert svc.config.tunnel.name == "ip6tnl1" and svc.pending is not None
+    assert sync(svc, "retry")  # the removal works now: the new config is in place
+    assert svc.config.tunnel.name == "mape0" and set(k.tunnels) == {"mape0"}
+
+
+def test_a_bad_reload_after_a_good_one_says_which_config_stays(svc, tmp_path, caplog):
+    (tmp_path / "mape.toml").write_text(BASE + "[tunnel]\nmtu = 1400\n")
+    svc.reload()
+    (tmp_path / "mape.toml").write_text("[wan\n")
+    with caplog.at_level(logging.ERROR, "mape-daemon"):
+        svc.reload()
+    assert "staying with the previous reload's config (newer, good, about to be applied)" in caplog.text
+    assert sync(svc, "reload") and svc.kernel.tunnels["ip6tnl1"].mtu == 1400
+
+
+def test_stop_says_what_teardown_did_and_fails_when_it_failed(svc, caplog):
+    assert sync(svc, "start")
+    svc.kernel.fail_on = NetAction
+    with caplog.at_level(logging.INFO, "mape-daemon"):
+        assert asyncio.run(svc.stop()) == EXIT_FAILURE
+    assert "removing our state failed after 0 of" in caplog.text
+    assert asyncio.run(svc.stop()) == 0 and not svc.kernel.tunnels
+
+
+def test_no_ip6tnl_in_the_kernel_stops_with_exit_69(svc, caplog):
+    svc.kernel.ip6tnl = False
+    with caplog.at_level(logging.ERROR, "mape-daemon"):
+        assert not sync(svc, "start")
+    assert svc.exit_code == EXIT_UNAVAILABLE and "this host cannot run mape-daemon" in caplog.text
+    assert svc.runner._stopping
+
+
+def test_the_journal_names_each_repair_and_its_cause(svc, caplog):
+    assert sync(svc, "start")
+    k = svc.kernel
+    k.apply_del_tunnel("ip6tnl1")
+    k.fw.iptables("-t", "nat", "-F", "MAPE-SNAT-TCP")
+    with caplog.at_level(logging.INFO, "mape-daemon"):
+        assert sync(svc, "event")
+    lines = [(r.message, r.MAPE_EVENT, r.MAPE_CAUSE) for r in caplog.records]
+    assert ("tunnel ip6tnl1 recreated with its addresses and routes: it was missing", "repair", "event") in lines
+    assert ("SNAT for tcp restored (63 rules): the chain was empty", "repair", "event") in lines
+    caplog.clear()
+    assert sync(svc, "periodic") and caplog.records == []  # quiet when nothing changed
+    assert svc.repairs == {"event": 1}  # one repair sync, set off by an event
