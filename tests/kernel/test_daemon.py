@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from tests.lab import traffic
-from tests.lab.netns import call, popen, sh
+from tests.lab.netns import call, popen, sh, spawn
 from tests.lab.topo import SERVER, wait_for
 
 CONFIG = '[wan]\ninterface = "wan0"\n[daemon]\nsync_interval = 5\n'
@@ -65,7 +65,8 @@ def test_daemon_follows_renumbering_repairs_reloads_and_stops_clean(lab, tmp_pat
 
         cfg.write_text("[wan\n")  # a broken file on reload: the running config stays
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "keeping the running config" in log_path.read_text(), 30, "the reload to be refused")
+        wait_for(lambda: "nothing changes, staying with the config loaded at" in log_path.read_text(), 30,
+                 "the reload to be refused")  # fmt: skip
         assert proc.poll() is None and tunnel_local(lab) == new.ce_draft03
 
         # A good reload that renames the tunnel: the old one goes, nothing of it is left behind.
@@ -85,13 +86,21 @@ def test_daemon_follows_renumbering_repairs_reloads_and_stops_clean(lab, tmp_pat
     assert new.ce_draft03 not in sh(lab.ce, "ip", "-6", "addr")
 
 
+def state_pid(tmp_path) -> int | None:
+    """The pid that wrote the state file: the daemon whose sync it reports."""
+    try:
+        return json.loads((tmp_path / "run" / "state.json").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def count(text: str, needle: str) -> int:
     return sum(1 for line in text.splitlines() if line.endswith(needle))
 
 
 def test_daemon_reload_restart_after_kill_late_ppp0_and_rapid_renumbering(lab, tmp_path):
     cfg = tmp_path / "mape.toml"
-    cfg.write_text(CONFIG + '[pppoe]\nlan_interfaces = ["lan0"]\n')
+    cfg.write_text(CONFIG + '[lan]\ninterfaces = ["lan0"]\n[pppoe]\n')
     env = {**os.environ, "MAPE_STATE_DIR": str(tmp_path / "run")}
     log_path = tmp_path / "daemon.log"
 
@@ -105,20 +114,20 @@ def test_daemon_reload_restart_after_kill_late_ppp0_and_rapid_renumbering(lab, t
         ce = lab.ce_params()
         wait_for(lambda: tunnel_local(lab) == ce.ce_draft03, 120, "the first sync")
         mtu = lambda: sh(lab.ce, "ip", "link", "show", "ip6tnl1", check=False)  # noqa: E731
-        cfg.write_text(CONFIG + '[pppoe]\nlan_interfaces = ["lan0"]\n[tunnel]\nmtu = 1400\n')
+        cfg.write_text(CONFIG + '[lan]\ninterfaces = ["lan0"]\n[pppoe]\n[tunnel]\nmtu = 1400\n')
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "mtu 1400" in mtu(), 30, "the reloaded MTU")
 
         proc.kill()  # no cleanup at all; the next start must adopt what is there
         proc.wait(30)
         proc = start()
-        wait_for(lambda: (tmp_path / "run" / "state.json").exists() and "mtu 1400" in mtu(), 60, "the restart")
-        wait_for(lambda: log_path.read_text().count("sync") >= 1, 60, "a sync after the restart")
+        wait_for(lambda: state_pid(tmp_path) == proc.pid, 120, "the restarted daemon's own first sync")
+        assert "mtu 1400" in mtu()
         save = sh(lab.ce, "iptables-save")
         assert count(save, "-o ip6tnl1 -j MAPE-SNAT") == 1 and count(save, "-j MAPE-MSS") == 1, save
-        assert len(sh(lab.ce, "ip", "route", "show", "table", "all", "proto", "203").splitlines()) == 1
+        assert len(sh(lab.ce, "ip", "route", "show", "table", "all", "proto", "203").splitlines()) == 2  # + unreachable
 
-        assert "table 10" not in sh(lab.ce, "ip", "route", "show", "table", "all", "proto", "203")
+        assert "dev ppp0" not in sh(lab.ce, "ip", "route", "show", "table", "all", "proto", "203")
         lab.start_pppoe()  # ppp0 appears after the daemon started
         wait_for(lab.ppp_up, 60, "ppp0")
         wait_for(
@@ -139,3 +148,83 @@ def test_daemon_reload_restart_after_kill_late_ppp0_and_rapid_renumbering(lab, t
         rc = proc.wait(120)
     assert rc == 0, log_path.read_text()
     assert sh(lab.ce, "ip", "route", "show", "table", "all", "proto", "203") == ""
+
+
+def conntrack_wrong(lab, ipv4: str, ports: set[int], old_ipv4: str | None) -> list[str]:
+    """Tracked connections whose mapping is wrong: NATed to the old IPv4, or to a port or ICMP id
+    outside the set."""
+    wrong = []
+    for line in sh(lab.ce, "conntrack", "-L", check=False).splitlines():
+        words = line.split()
+        if not words or words[0] not in ("tcp", "udp", "icmp"):
+            continue
+        dsts = [w[4:] for w in words if w.startswith("dst=")]
+        key = "id=" if words[0] == "icmp" else "dport="
+        port = int([w[len(key) :] for w in words if w.startswith(key)][-1])
+        if (old_ipv4 and dsts[-1] == old_ipv4) or (dsts[-1] == ipv4 and port not in ports):
+            wrong.append(line)
+    return wrong
+
+
+def test_churn_renumbering_flushes_and_reloads_never_send_wrong_traffic(lab, tmp_path):
+    """Continuous TCP, UDP and ICMP from the LAN while the prefix changes (IPv4 kept and PSID
+    changed, then both changed), our nat chains are flushed and the config is reloaded: the BR
+    never sees a wrong source or a port outside the set, and no connection keeps an old mapping."""
+    first = lab.ce_params()
+    chains = [lab.br_add_ce(first)]
+    cfg = tmp_path / "mape.toml"
+    cfg.write_text(CONFIG.replace("sync_interval = 5", "sync_interval = 3"))
+    env = {**os.environ, "MAPE_STATE_DIR": str(tmp_path / "run")}
+    log_path, counts, stop = tmp_path / "daemon.log", tmp_path / "churn.json", tmp_path / "stop-churn"
+    with open(log_path, "wb") as log:
+        proc = popen(lab.ce, sys.executable, "-m", "mape_daemon", "run", "-c", str(cfg),
+                     stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    churn = None
+    try:
+        wait_for(lambda: tunnel_local(lab) == first.ce_draft03, 120, "the first sync")
+        wait_for(lambda: "mape" in sh(lab.ce, "nft", "list", "tables"), 30, "the guard")
+        churn = spawn(lab.lan, traffic.churn, SERVER, str(counts), str(stop))
+
+        def served_from(ce) -> bool:
+            log = traffic.read_log(lab.server_log)[-20:]
+            return any(e["src"] == ce.ipv4 and e["sport"] in ce.ports() for e in log if e["proto"] == "udp")
+
+        wait_for(lambda: served_from(first), 60, "churn through the first mapping")
+        same_ipv4 = lab.ce_params("2400:4050:1234:5700::/56")
+        assert (same_ipv4.ipv4, same_ipv4.psid) == (first.ipv4, 23)
+        chains.append(lab.br_add_ce(same_ipv4))
+        lab.renumber("2400:4050:1234:5700::/64")
+        wait_for(lambda: tunnel_local(lab) == same_ipv4.ce_draft03, 60, "the move to PSID 23")
+        wait_for(lambda: not conntrack_wrong(lab, same_ipv4.ipv4, same_ipv4.ports(), None), 30, "old ports gone")
+        wait_for(lambda: served_from(same_ipv4), 60, "churn through PSID 23")
+
+        moved = lab.ce_params("2400:4050:1234:9a00::/56")
+        chains.append(lab.br_add_ce(moved))
+        lab.renumber("2400:4050:1234:9a00::/64")
+        wait_for(lambda: tunnel_local(lab) == moved.ce_draft03, 60, "the move to a new IPv4")
+        wait_for(lambda: not conntrack_wrong(lab, moved.ipv4, moved.ports(), first.ipv4), 30, "the old IPv4 gone")
+        wait_for(lambda: served_from(moved), 60, "churn through the new IPv4")
+
+        for proto in ("TCP", "UDP", "ICMP"):
+            sh(lab.ce, "iptables", "-t", "nat", "-F", f"MAPE-SNAT-{proto}")
+        wait_for(lambda: sh(lab.ce, "iptables-save", "-t", "nat").count(f"--to-source {moved.ipv4}:") == 189, 60,
+                 "the periodic sync to restore SNAT")  # fmt: skip
+        cfg.write_text(CONFIG.replace("sync_interval = 5", "sync_interval = 3") + "[tunnel]\nmtu = 1400\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "mtu 1400" in sh(lab.ce, "ip", "link", "show", "ip6tnl1"), 30, "the reload")
+        wait_for(lambda: served_from(moved), 60, "churn after the repair and the reload")
+        stop.touch()
+        os.waitpid(churn, 0)
+        churn = None
+        assert not conntrack_wrong(lab, moved.ipv4, moved.ports(), first.ipv4)
+        for chain in chains:
+            assert lab.br_counters(chain) == {"wrong-source": 0, "out-of-set": 0}, chain
+        seen = json.loads(counts.read_text())
+        assert min(seen["tcp_ok"], seen["udp_ok"], seen["icmp_ok"]) > 10, seen
+    finally:
+        if churn is not None:
+            stop.touch()
+            os.waitpid(churn, 0)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(120)
+    assert rc == 0, log_path.read_text()

@@ -19,7 +19,7 @@ from . import traffic
 from .netns import call, popen, sh
 from .topo import SERVER, Lab, wait_for
 
-CONFIG = '[wan]\ninterface = "wan0"\n'
+CONFIG = '[wan]\ninterface = "wan0"\n[daemon]\nsync_interval = 10\n'
 
 
 def step(text: str) -> None:
@@ -56,6 +56,13 @@ def main() -> int:
             wait_for(lambda: first.ipv4 in sh(lab.ce, "iptables-save", "-t", "nat"), 120, "the first sync")
             mape(lab, "status", "-c", str(cfg), env=env)
             clients(lab)
+
+            step("someone deletes the tunnel and flushes our SNAT chain: the daemon repairs both")
+            print("router# ip link del ip6tnl1; iptables -t nat -F MAPE-SNAT-TCP", flush=True)
+            sh(lab.ce, "ip", "link", "del", "ip6tnl1")
+            sh(lab.ce, "iptables", "-t", "nat", "-F", "MAPE-SNAT-TCP")
+            wait_for(lambda: f"{first.ipv4}:" in sh(lab.ce, "iptables", "-t", "nat", "-S", "MAPE-SNAT-TCP")
+                     and "ip6tnl1" in sh(lab.ce, "ip", "link"), 120, "the repair")  # fmt: skip
 
             step("the ISP renumbers: a new prefix is announced, the old one deprecated")
             lab.renumber("2400:4050:1234:9a00::/64")

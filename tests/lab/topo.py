@@ -3,6 +3,10 @@
     lan (client .10, server .20, console .55) --lan0-- ce (the router) --wan0-- isp --inet0-- inet
                                                       ce2 --wan0----------/  (BR, radvd, PPPoE AC)
 
+With vlan=True the router looks like a real one: its WAN is VLAN 10 on `wan-0` (`wan-0.10`, the
+ISP side `ce0.10`) and its LAN is VLAN 20 on a bridge (`br_lan.20`, bridge `br_lan` with the
+veth `lan0` as its port; the LAN side `eth0.20`).
+
 - isp: access network. radvd announces the WAN /64 (the router configures itself by SLAAC, as
   behind an ONU) and can renumber. The BR lives here: one ip6tnl per expected CE (so it only
   decapsulates from that CE address), replies demultiplexed to the CE by destination IPv4 and
@@ -50,12 +54,19 @@ def _write_sysctls(values: dict[str, str]) -> None:
 
 
 class Lab:
-    def __init__(self, workdir: Path, rule: LabRule = OCN, wan_prefix: str = "2400:4050:1234:5600::/64"):
+    def __init__(
+        self, workdir: Path, rule: LabRule = OCN, wan_prefix: str = "2400:4050:1234:5600::/64", vlan: bool = False
+    ):
         self.dir = workdir
         self.rule = rule
+        self.vlan = vlan
+        self.wan, self.lan_if = ("wan-0.10", "br_lan.20") if vlan else ("wan0", "lan0")
+        self.isp_if, self.lan_host_if = ("ce0.10", "eth0.20") if vlan else ("ce0", "eth0")
+        self.ppp = "pppoe-wan.1" if vlan else "ppp0"  # dots in a name must not become sysctl path levels
         tag = f"mt{os.getpid() % 100000}"
         self.ce, self.ce2, self.isp, self.lan, self.inet = (f"{tag}{r}" for r in ("ce", "ce2", "isp", "lan", "inet"))
         self.prefixes = [wan_prefix]
+        self.lifetimes: dict[str, int] = {}  # prefix -> preferred lifetime, where not the default
         self.procs: dict[str, subprocess.Popen] = {}
         self.pids: list[int] = []
         self.br_ces: dict[str, int] = {}  # CE address -> BR tunnel index
@@ -78,12 +89,25 @@ class Lab:
             # Twenty renumberings within an address lifetime exceed the default of 16 SLAAC addresses.
             "net.ipv6.conf.default.max_addresses": "64",
         })  # fmt: skip
-        self.veth(self.ce, "wan0", self.isp, "ce0")
-        self.veth(self.ce, "lan0", self.lan, "eth0")
+        if self.vlan:
+            self.veth(self.ce, "wan-0", self.isp, "ce0")
+            self.veth(self.ce, "lan0", self.lan, "eth0")
+            for ns, base, name, vid in ((self.ce, "wan-0", self.wan, 10), (self.isp, "ce0", self.isp_if, 10),
+                                        (self.lan, "eth0", self.lan_host_if, 20)):  # fmt: skip
+                netns.sh(ns, "ip", "link", "add", "link", base, "name", name, "type", "vlan", "id", str(vid))
+                netns.sh(ns, "ip", "link", "set", name, "up")
+            netns.sh(self.ce, "ip", "link", "add", "br_lan", "type", "bridge")
+            netns.sh(self.ce, "ip", "link", "set", "lan0", "master", "br_lan")
+            netns.sh(self.ce, "ip", "link", "set", "br_lan", "up")
+            netns.sh(self.ce, "ip", "link", "add", "link", "br_lan", "name", self.lan_if, "type", "vlan", "id", "20")
+            netns.sh(self.ce, "ip", "link", "set", self.lan_if, "up")
+        else:
+            self.veth(self.ce, "wan0", self.isp, "ce0")
+            self.veth(self.ce, "lan0", self.lan, "eth0")
         self.veth(self.isp, "inet0", self.inet, "eth0")
         with IPRoute(netns=self.isp) as ipr:
             ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=self.rule.br, prefixlen=128)
-            ce0 = ipr.link_lookup(ifname="ce0")[0]
+            ce0 = ipr.link_lookup(ifname=self.isp_if)[0]
             ipr.addr("add", index=ce0, address=self._isp_addr(self.prefixes[0]), prefixlen=64, flags=0x02)
             ipr.addr("add", index=ipr.link_lookup(ifname="inet0")[0], address=ISP_INET, prefixlen=24)
             ipr.route("add", dst="203.0.113.0/24", gateway=INET_ISP)
@@ -92,12 +116,12 @@ class Lab:
             ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=SERVER, prefixlen=32)
             ipr.route("add", dst="0.0.0.0/0", gateway=ISP_INET)
         with IPRoute(netns=self.lan) as ipr:
-            eth0 = ipr.link_lookup(ifname="eth0")[0]
+            eth0 = ipr.link_lookup(ifname=self.lan_host_if)[0]
             for a in (LAN_CLIENT, LAN_SERVER, LAN_CONSOLE):
                 ipr.addr("add", index=eth0, address=a, prefixlen=24)
             ipr.route("add", dst="0.0.0.0/0", gateway=LAN_GW)
         with IPRoute(netns=self.ce) as ipr:
-            ipr.addr("add", index=ipr.link_lookup(ifname="lan0")[0], address=LAN_GW, prefixlen=24)
+            ipr.addr("add", index=ipr.link_lookup(ifname=self.lan_if)[0], address=LAN_GW, prefixlen=24)
         self.pids.append(netns.spawn(self.inet, traffic.serve, str(self.server_log), SERVER))
         self.start_radvd()
         if pppoe:
@@ -123,11 +147,16 @@ class Lab:
     def _radvd_conf(self) -> str:
         blocks = []
         for i, p in enumerate(self.prefixes):
-            deprecated = i < len(self.prefixes) - 1
-            life = "AdvPreferredLifetime 0; AdvValidLifetime 600;" if deprecated else ""
+            if p in self.lifetimes:
+                life = f"AdvPreferredLifetime {self.lifetimes[p]}; AdvValidLifetime {self.lifetimes[p] + 600};"
+            elif i < len(self.prefixes) - 1:
+                life = "AdvPreferredLifetime 0; AdvValidLifetime 600;"  # deprecated
+            else:
+                life = ""
             blocks.append(f"  prefix {p} {{ AdvOnLink on; AdvAutonomous on; {life} }};")
         body = "\n".join(blocks)
-        return f"interface ce0 {{\n  AdvSendAdvert on;\n  MinRtrAdvInterval 3;\n  MaxRtrAdvInterval 4;\n{body}\n}};\n"
+        timing = "  AdvSendAdvert on;\n  MinRtrAdvInterval 3;\n  MaxRtrAdvInterval 4;\n"
+        return f"interface {self.isp_if} {{\n{timing}{body}\n}};\n"
 
     def start_radvd(self) -> None:
         conf = self.dir / "radvd.conf"
@@ -142,16 +171,28 @@ class Lab:
     def renumber(self, new_prefix64: str) -> None:
         """Announce `new_prefix64` and deprecate the ones before it (preferred lifetime 0)."""
         with IPRoute(netns=self.isp) as ipr:
-            ce0 = ipr.link_lookup(ifname="ce0")[0]
+            ce0 = ipr.link_lookup(ifname=self.isp_if)[0]
             ipr.addr("add", index=ce0, address=self._isp_addr(new_prefix64), prefixlen=64, flags=0x02)
         self.prefixes.append(new_prefix64)
         (self.dir / "radvd.conf").write_text(self._radvd_conf())
         self.procs["radvd"].send_signal(signal.SIGHUP)
 
+    def announce(self, lifetimes: dict[str, int]) -> None:
+        """Announce these /64s, all preferred, each with its own preferred lifetime."""
+        with IPRoute(netns=self.isp) as ipr:
+            ce0 = ipr.link_lookup(ifname=self.isp_if)[0]
+            for p in lifetimes:
+                if p not in self.prefixes:
+                    ipr.addr("add", index=ce0, address=self._isp_addr(p), prefixlen=64, flags=0x02)
+        self.prefixes = [p for p in self.prefixes if p not in lifetimes] + list(lifetimes)
+        self.lifetimes |= lifetimes
+        (self.dir / "radvd.conf").write_text(self._radvd_conf())
+        self.procs["radvd"].send_signal(signal.SIGHUP)
+
     def wan_addresses(self, ns: str | None = None) -> list[dict]:
-        """Global addresses on the router's wan0: address, prefixlen, deprecated, tentative."""
+        """Global addresses on the router's WAN: address, prefixlen, deprecated, tentative."""
         with IPRoute(netns=ns or self.ce) as ipr:
-            idx = ipr.link_lookup(ifname="wan0")[0]
+            idx = ipr.link_lookup(ifname=self.wan if ns in (None, self.ce) else "wan0")[0]
             out = []
             for a in ipr.get_addr(family=10, index=idx):
                 if a["scope"] != 0:
@@ -191,24 +232,28 @@ class Lab:
             "*filter",
             f":{chain} - [0:0]",
             f"-A FORWARD -i {tun} -j {chain}",
+            f"-A {chain} ! -s {ce.ipv4} -j DROP",  # a wrong source (not NATed, or NATed to another IPv4)
             *(f"-A {chain} -s {ce.ipv4} -p {p} --sport {low}:65535 -m u32 --u32 {sport} -j RETURN"
               for p in ("tcp", "udp")),
             f"-A {chain} -s {ce.ipv4} -p icmp -m u32 --u32 0>>22&0x3C@4>>16={low}:65535&&{icmp_id} -j RETURN",
             # ICMP errors the CE sends (port unreachable, ...) carry no port of their own.
             *(f"-A {chain} -s {ce.ipv4} -p icmp --icmp-type {t} -j RETURN"
               for t in ("destination-unreachable", "time-exceeded", "parameter-problem")),
-            f"-A {chain} -j DROP",
+            f"-A {chain} -j DROP",  # a port or ICMP id outside the CE's set
             "COMMIT",
         ]  # fmt: skip
         netns.sh(self.isp, "iptables-legacy-restore", "--noflush", input="\n".join(lines) + "\n")
         return chain
 
-    def br_dropped(self, chain: str) -> int:
-        """Packets the BR dropped from a CE for an out-of-set source port or a foreign source."""
+    def br_counters(self, chain: str) -> dict[str, int]:
+        """Packets the BR dropped from a CE: with a wrong source, and with a port outside its set."""
         out = netns.sh(self.isp, "iptables-legacy", "-t", "filter", "-L", chain, "-v", "-x", "-n")
-        last = [line for line in out.splitlines() if line.strip()][-1].split()
-        assert last[2] == "DROP", out
-        return int(last[0])
+        lines = [line.split() for line in out.splitlines()[2:] if line.strip()]
+        assert lines[0][2] == "DROP" and lines[-1][2] == "DROP", out
+        return {"wrong-source": int(lines[0][0]), "out-of-set": int(lines[-1][0])}
+
+    def br_dropped(self, chain: str) -> int:
+        return sum(self.br_counters(chain).values())
 
     def ce_params(self, prefix: str | None = None) -> LabCE:
         return map_prefix(self.rule, prefix or self.prefixes[-1])
@@ -222,7 +267,7 @@ class Lab:
         opts.write_text("noauth\nlcp-echo-interval 5\nlcp-echo-failure 3\nnodefaultroute\n")
         log = open(self.dir / "pppoe.log", "ab")  # noqa: SIM115
         self.procs["pppoe-server"] = netns.popen(
-            self.isp, "pppoe-server", "-F", "-I", "ce0", "-L", PPP_LOCAL, "-R", PPP_REMOTE, "-N", "4",
+            self.isp, "pppoe-server", "-F", "-I", self.isp_if, "-L", PPP_LOCAL, "-R", PPP_REMOTE, "-N", "4",
             "-O", str(opts), stdout=log, stderr=log,
         )  # fmt: skip
         with IPRoute(netns=self.inet) as ipr:
@@ -232,13 +277,14 @@ class Lab:
     def start_pppd(self) -> None:
         log = open(self.dir / "pppd.log", "ab")  # noqa: SIM115
         self.procs["pppd"] = netns.popen(
-            self.ce, "pppd", "plugin", "pppoe.so", "nic-wan0", "noauth", "nodetach", "unit", "0", "ifname", "ppp0",
-            "user", "lab", "nodefaultroute", "noipdefault", "usepeerdns", "persist", "maxfail", "0", "holdoff", "1",
+            self.ce, "pppd", "plugin", "pppoe.so", f"nic-{self.wan}", "noauth", "nodetach", "unit", "0",
+            "ifname", self.ppp, "user", "lab", "nodefaultroute", "noipdefault", "usepeerdns", "persist",
+            "maxfail", "0", "holdoff", "1",
             stdout=log, stderr=log,
         )  # fmt: skip
 
     def ppp_up(self) -> bool:
-        out = netns.sh(self.ce, "ip", "-4", "-o", "addr", "show", "dev", "ppp0", check=False)
+        out = netns.sh(self.ce, "ip", "-4", "-o", "addr", "show", "dev", self.ppp, check=False)
         return PPP_REMOTE in out
 
     # --- teardown ---------------------------------------------------------------------------

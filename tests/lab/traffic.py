@@ -6,6 +6,7 @@ line per TCP connection, UDP datagram and ICMP echo request to a log, for assert
 
 from __future__ import annotations
 
+import contextlib
 import json
 import selectors
 import socket
@@ -44,7 +45,8 @@ def serve(log_path: str, address: str = "0.0.0.0", tcp_port: int = TCP_PORT) -> 
             elif s is udp:
                 _, (ip, port) = udp.recvfrom(2048)
                 record(proto="udp", src=ip, sport=port)
-                udp.sendto(f"{ip} {port}\n".encode(), (ip, port))
+                with contextlib.suppress(OSError):  # a source it cannot answer (not NATed) must not stop it
+                    udp.sendto(f"{ip} {port}\n".encode(), (ip, port))
             elif s is icmp:
                 pkt, (ip, _) = icmp.recvfrom(2048)
                 ihl = (pkt[0] & 0x0F) * 4
@@ -52,7 +54,10 @@ def serve(log_path: str, address: str = "0.0.0.0", tcp_port: int = TCP_PORT) -> 
                 if kind == ECHO_REQUEST:
                     record(proto="icmp", src=ip, sport=ident)
             else:
-                if not s.recv(1024):
+                data = s.recv(1024)
+                if data:
+                    s.sendall(data)  # an echo, for long-lived connections
+                else:
                     sel.unregister(s)
                     s.close()
 
@@ -124,3 +129,87 @@ def raw_send(dst: str, proto: int, count: int = 3) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, proto) as s:
         for _ in range(count):
             s.sendto(b"\x00" * 8, (dst, 0))
+
+
+def ping_once(dst: str, ident: int, seq: int, timeout: float = 1.0) -> bool:
+    """One ICMP echo with a chosen identifier (a long-lived ICMP "flow" when reused)."""
+    body = struct.pack("!d", time.time())
+    header = struct.pack("!BBHHH", ECHO_REQUEST, 0, 0, ident, seq)
+    packet = header + body
+    csum = _checksum(packet)
+    packet = struct.pack("!BBHHH", ECHO_REQUEST, 0, csum, ident, seq) + body
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+        s.settimeout(timeout)
+        s.sendto(packet, (dst, 0))
+        try:
+            while True:
+                data = s.recv(2048)
+                ihl = (data[0] & 0x0F) * 4
+                if data[ihl] == 0:  # an echo reply (the id may have been mapped back)
+                    return True
+        except OSError:
+            return False
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\x00"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def churn(dst: str, out_path: str, stop_path: str, seconds: float = 300) -> None:
+    """Continuous TCP, UDP and ICMP to `dst` until `stop_path` exists (or `seconds` pass): a new
+    TCP connection each round, and a long-lived UDP flow (source port 45000) and ICMP flow (id
+    4242) whose conntrack entries outlive any one change. Counts go to `out_path` as JSON."""
+    import os
+
+    counts = {"tcp_ok": 0, "tcp_fail": 0, "udp_ok": 0, "udp_fail": 0, "icmp_ok": 0, "icmp_fail": 0}
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("0.0.0.0", 45000))
+    udp.settimeout(0.5)
+    deadline, seq = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline and not os.path.exists(stop_path):
+        seq += 1
+        ok = not tcp_sequential(dst, 1, timeout=1)[0].startswith("error")
+        counts["tcp_ok" if ok else "tcp_fail"] += 1
+        udp.sendto(b"churn", (dst, UDP_PORT))
+        try:
+            udp.recv(100)
+            counts["udp_ok"] += 1
+        except OSError:
+            counts["udp_fail"] += 1
+        counts["icmp_ok" if ping_once(dst, 4242, seq, 0.5) else "icmp_fail"] += 1
+        with open(out_path, "w") as f:
+            json.dump(counts, f)
+        time.sleep(0.1)
+    udp.close()
+
+
+def hold_tcp(dst: str, out_path: str, stop_path: str, seconds: float = 300) -> None:
+    """One TCP connection held open, echoing a line every 0.3 s until `stop_path` exists: writes
+    {"sport": the server's view of our port, "echoes": n, "broken": why or None} to `out_path`."""
+    import os
+
+    state: dict = {"sport": None, "echoes": 0, "broken": None}
+    deadline = time.monotonic() + seconds
+    try:
+        with socket.create_connection((dst, TCP_PORT), timeout=5) as s:
+            f = s.makefile("rb")
+            state["sport"] = int(f.readline().split()[1])
+            s.settimeout(30)  # TCP retransmits through a flap; only a reset or a close breaks it
+            while time.monotonic() < deadline and not os.path.exists(stop_path):
+                s.sendall(b"ping\n")
+                if f.readline() != b"ping\n":
+                    state["broken"] = "closed"
+                    break
+                state["echoes"] += 1
+                with open(out_path, "w") as out:
+                    json.dump(state, out)
+                time.sleep(0.3)
+    except OSError as e:
+        state["broken"] = str(e)
+    with open(out_path, "w") as out:
+        json.dump(state, out)

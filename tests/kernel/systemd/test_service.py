@@ -1,7 +1,9 @@
 """The Debian package under systemd, in a lab VM booted with systemd as PID 1.
 
 The service runs in the lab router's namespace (a drop-in sets NetworkNamespacePath=), so it
-meets the simulated ISP exactly as it would meet a real WAN.
+meets the simulated ISP exactly as it would meet a real WAN, under the unit's whole sandbox.
+The tests run in this file's order in one boot: the first needs a kernel that has not loaded
+ip6_tunnel yet.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import glob
 import json
 import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 from tests.kernel.conftest import running_lab
 from tests.lab import traffic
@@ -18,6 +23,8 @@ from tests.lab.topo import SERVER, wait_for
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIG = '[wan]\ninterface = "wan0"\n'
+CONF = Path("/etc/mape-daemon/mape.toml")
+DROPIN = Path("/etc/systemd/system/mape-daemon.service.d")
 
 
 def run(*cmd: str, check: bool = True) -> str:
@@ -31,20 +38,64 @@ def active(unit: str = "mape-daemon") -> str:
     return run("systemctl", "is-active", unit, check=False).strip()
 
 
-def test_package_installs_starts_reloads_logs_and_stops_clean(tmp_path, request):
+def show(prop: str) -> str:
+    return run("systemctl", "show", "-p", prop, "--value", "mape-daemon").strip()
+
+
+def journal(*args: str) -> str:
+    return run("journalctl", "-u", "mape-daemon", "--no-pager", *args, check=False)
+
+
+@pytest.fixture(scope="module")
+def package():
     (deb,) = glob.glob(str(ROOT / "dist" / "mape-daemon_*.deb"))
     run("dpkg", "-i", deb)
     assert active() == "inactive"  # installed, not started: the example config names eth0
-    assert Path("/etc/mape-daemon/mape.toml").exists()
+    assert CONF.exists()
+    return deb
 
+
+def use_namespace(ns: str, extra: str = "") -> None:
+    """Run the service in `ns` (the lab router), with optional extra [Service] lines."""
+    DROPIN.mkdir(parents=True, exist_ok=True)
+    (DROPIN / "lab.conf").write_text(f"[Service]\nNetworkNamespacePath=/run/netns/{ns}\n{extra}")
+    run("systemctl", "daemon-reload")
+    run("systemctl", "reset-failed", "mape-daemon", check=False)
+    run("journalctl", "--rotate", check=False)
+
+
+def test_a_kernel_without_ip6tnl_fails_once_with_69_and_no_restart_loop(package, tmp_path):
+    assert "ip6_tunnel" not in Path("/proc/modules").read_text(), "precondition: ip6_tunnel already loaded"
+    Path("/etc/modprobe.d/no-ip6tnl.conf").write_text("install ip6_tunnel /bin/false\n")
+    ns = f"noip6-{tmp_path.name[-6:]}"
+    try:
+        sh(None, "ip", "netns", "add", ns)
+        sh(None, "ip", "link", "add", "wan0", "netns", ns, "type", "veth", "peer", "x0", "netns", ns)
+        sh(ns, "ip", "link", "set", "wan0", "up")
+        sh(ns, "ip", "-6", "addr", "add", "2400:4050:1234:5600::10/64", "dev", "wan0", "nodad")
+        CONF.write_text(CONFIG)
+        use_namespace(ns)
+        r = subprocess.run(["systemctl", "start", "mape-daemon"], capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0
+        time.sleep(8)  # longer than RestartSec=5: a restart loop would show by now
+        state = (active(), show("ExecMainStatus"), show("NRestarts"))
+        assert state == ("failed", "69", "0"), (state, journal())
+        assert "this host cannot run mape-daemon" in journal() and "no ip6tnl support" in journal()
+    finally:
+        Path("/etc/modprobe.d/no-ip6tnl.conf").unlink()
+        run("systemctl", "reset-failed", "mape-daemon", check=False)
+        sh(None, "ip", "netns", "del", ns, check=False)
+
+
+def test_package_installs_starts_reloads_logs_and_stops_clean(package, tmp_path, request):
+    security = run("systemd-analyze", "security", "--no-pager", "mape-daemon", check=False)
+    exposure = float(security.splitlines()[-1].split("level for mape-daemon.service:")[1].split()[0])
+    assert exposure <= 2.5, security.splitlines()[-1]
     with running_lab(tmp_path, request) as lab:
         ce = lab.ce_params()
         lab.br_add_ce(ce)
-        Path("/etc/mape-daemon/mape.toml").write_text(CONFIG)
-        dropin = Path("/etc/systemd/system/mape-daemon.service.d")
-        dropin.mkdir(parents=True, exist_ok=True)
-        (dropin / "lab.conf").write_text(f"[Service]\nNetworkNamespacePath=/run/netns/{lab.ce}\n")
-        run("systemctl", "daemon-reload")
+        CONF.write_text(CONFIG)
+        use_namespace(lab.ce)
         try:
             run("systemctl", "start", "mape-daemon")  # Type=notify: returns once READY=1 came
             assert active() == "active"
@@ -53,18 +104,77 @@ def test_package_installs_starts_reloads_logs_and_stops_clean(tmp_path, request)
             answer = call(lab.lan, traffic.tcp_sequential, SERVER, 1)[0]
             assert answer.split()[0] == ce.ipv4
 
-            run("systemctl", "reload", "mape-daemon")
+            run("systemctl", "reload", "mape-daemon")  # returns once READY=1 follows the reload's sync
             assert active() == "active"
-            wait_for(lambda: "applied" in run("journalctl", "-u", "mape-daemon", "--no-pager"), 30, "the reload")
+            assert "applied" in journal()
 
-            records = [json.loads(line) for line in run("journalctl", "-u", "mape-daemon", "-o", "json").splitlines()]
-            synced = [r for r in records if r.get("MAPE_EVENT") in ("sync", "prefix-change")]
-            assert synced and synced[0]["MAPE_IPV4"] == ce.ipv4 and synced[0]["MAPE_PSID"] == str(ce.psid)
-
-            security = run("systemd-analyze", "security", "--no-pager", "mape-daemon", check=False)
-            print(security.splitlines()[-1] if security else "systemd-analyze security: no output")
+            sh(lab.ce, "ip", "link", "del", "ip6tnl1")
+            wait_for(lambda: "recreated" in journal(), 60, "the repair")
+            records = [json.loads(line) for line in journal("-o", "json").splitlines()]
+            start = [r for r in records if r.get("MAPE_EVENT") == "start"]
+            assert start and start[0]["MAPE_IPV4"] == ce.ipv4 and start[0]["MAPE_PSID"] == str(ce.psid)
+            repair = [r for r in records if r.get("MAPE_EVENT") == "repair"]
+            assert repair and repair[0]["MAPE_CAUSE"] == "event" and "ip6tnl1" in repair[0]["MESSAGE"]
         finally:
             run("systemctl", "stop", "mape-daemon", check=False)
-        assert active() == "inactive"
+        assert active() == "inactive" and show("ExecMainStatus") == "0"
+        assert "stopped: removed" in journal()
         assert "ip6tnl1" not in sh(lab.ce, "ip", "link")
         assert "MAPE-" not in sh(lab.ce, "iptables-save")
+
+
+def test_a_sync_wedged_in_a_child_is_restarted_by_the_watchdog(package, tmp_path, request):
+    """Before: the loop pinged the watchdog however long a sync had been stuck."""
+    save = Path("/usr/sbin/iptables-nft-save")
+    real = save.resolve()
+    wedge = Path("/run/mape-wedge")
+    with running_lab(tmp_path, request) as lab:
+        lab.br_add_ce(lab.ce_params())
+        CONF.write_text(CONFIG + '[firewall]\nbackend = "iptables-nft"\n[daemon]\nsync_interval = 2\n')
+        use_namespace(lab.ce, "WatchdogSec=6\nRestartSec=1\n")
+        save.unlink()  # the overlay root is a throw-away copy: a hanging iptables-nft-save
+        # xtables-nft-multi picks the tool by its first argument when not called by a tool's name.
+        save.write_text(f'#!/bin/sh\nwhile [ -e {wedge} ]; do sleep 1; done\nexec {real} iptables-save "$@"\n')
+        save.chmod(0o755)
+        try:
+            run("systemctl", "start", "mape-daemon")
+            wedge.touch()
+            wait_for(lambda: int(show("NRestarts") or 0) >= 1, 120, "the watchdog to restart the service")
+            assert "Watchdog timeout" in run("journalctl", "--no-pager", check=False)
+            wedge.unlink()
+            wait_for(lambda: active() == "active" and "tunnel up" in show("StatusText"), 120, "recovery")
+        finally:
+            wedge.unlink(missing_ok=True)
+            run("systemctl", "stop", "mape-daemon", check=False)
+            save.unlink()
+            save.symlink_to(real)
+        assert "ip6tnl1" not in sh(lab.ce, "ip", "link")
+
+
+def test_legacy_backend_and_pppoe_under_the_full_sandbox(package, tmp_path, request):
+    """python-iptables (ctypes) under MemoryDenyWriteExecute, the rp_filter write under
+    ProtectKernelTunables, and a conntrack cleanup over netlink, all inside the unit's sandbox."""
+    with running_lab(tmp_path, request) as lab:
+        ce = lab.ce_params()
+        lab.br_add_ce(ce)
+        lab.sysctl(lab.ce, {"net.ipv4.conf.default.rp_filter": "1"})
+        lab.start_pppoe()
+        wait_for(lab.ppp_up, 60, "ppp0")
+        CONF.write_text(CONFIG + '[lan]\ninterfaces = ["lan0"]\n[firewall]\nbackend = "iptables-legacy"\n'
+                        '[pppoe]\nhosts = ["192.168.1.55/32"]\n')  # fmt: skip
+        use_namespace(lab.ce)
+        try:
+            run("systemctl", "start", "mape-daemon")
+            assert active() == "active"
+            assert sh(lab.ce, "cat", "/proc/sys/net/ipv4/conf/ppp0/rp_filter").strip() == "2"
+            assert "MAPE-SNAT-TCP" in sh(lab.ce, "iptables-legacy-save", "-t", "nat")
+            assert call(lab.lan, traffic.udp_query, SERVER).split()[0] == ce.ipv4
+            lab.renumber("2400:4050:1234:9a00::/64")
+            moved = lab.ce_params()
+            lab.br_add_ce(moved)
+            wait_for(lambda: "moved to" in journal(), 60, "the move")
+            wait_for(lambda: ce.ipv4 not in sh(lab.ce, "conntrack", "-L", check=False), 30, "old connections gone")
+            assert "Traceback" not in journal() and "error" not in show("StatusText")
+        finally:
+            run("systemctl", "stop", "mape-daemon", check=False)
+        assert show("ExecMainStatus") == "0" and "MAPE-" not in sh(lab.ce, "iptables-legacy-save")

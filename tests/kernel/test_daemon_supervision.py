@@ -1,0 +1,215 @@
+"""`mape-daemon run` trusted for months: a netlink overflow, a WAN flap, two prefixes, a host that
+cannot run it, and kill -9 in the middle of a sync, each on the lab's real kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.lab import traffic
+from tests.lab.netns import popen, sh, spawn
+from tests.lab.topo import SERVER, wait_for
+
+CONFIG = '[wan]\ninterface = "wan0"\n[lan]\ninterfaces = ["lan0"]\n[pppoe]\n'
+
+
+class Daemon:
+    """One `mape-daemon run` in the router's namespace, its log and its state folder."""
+
+    def __init__(self, lab, tmp_path: Path, config: str, env: dict[str, str] | None = None):
+        self.lab, self.dir = lab, tmp_path
+        self.cfg = tmp_path / "mape.toml"
+        self.cfg.write_text(config)
+        self.log = tmp_path / "daemon.log"
+        self.env = {**os.environ, "MAPE_STATE_DIR": str(tmp_path / "run"), **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, **env: str) -> Daemon:
+        with open(self.log, "ab") as log:
+            self.proc = popen(self.lab.ce, sys.executable, "-m", "mape_daemon", "run", "-c", str(self.cfg),
+                              stdout=log, stderr=subprocess.STDOUT, env={**self.env, **env})  # fmt: skip
+        return self
+
+    def state(self) -> dict:
+        try:
+            return json.loads((self.dir / "run" / "state.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def synced_by_me(self) -> bool:
+        """This process's own sync is in the state file (not its killed predecessor's)."""
+        return self.state().get("pid") == self.proc.pid and self.state().get("ok")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(120)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+
+def tunnel_local(lab) -> str | None:
+    words = sh(lab.ce, "ip", "-d", "link", "show", "ip6tnl1", check=False).split()
+    return words[words.index("local") + 1] if "local" in words else None
+
+
+def test_an_overflowed_netlink_socket_is_resubscribed_and_tampering_still_repaired_by_event(lab, tmp_path):
+    """Before: ENOBUFS killed the watcher and repairs waited for the periodic sync. The periodic
+    sync here is an hour away, so only an event can bring the tunnel back."""
+    ce = lab.ce_params()
+    d = Daemon(lab, tmp_path, CONFIG + "[daemon]\nsync_interval = 3600\n")
+    d.start(MAPE_DEBUG_NETLINK_RCVBUF="4096")
+    try:
+        wait_for(lambda: tunnel_local(lab) == ce.ce_draft03 and d.synced_by_me(), 120, "the first sync")
+        burst = "".join(f"route add 198.18.{i // 250}.{i % 250}/32 dev lan0\n" for i in range(3000))
+        burst += "".join(f"route del 198.18.{i // 250}.{i % 250}/32 dev lan0\n" for i in range(3000))
+        for _ in range(3):
+            sh(lab.ce, "ip", "-batch", "-", input=burst)
+            if "overflowed" in d.text():
+                break
+        wait_for(lambda: "netlink events overflowed the socket" in d.text(), 30, "the overflow to be noticed")
+        sh(lab.ce, "ip", "link", "del", "ip6tnl1")
+        wait_for(lambda: tunnel_local(lab) == ce.ce_draft03, 60, "the tunnel back, by event")
+        assert "tunnel ip6tnl1 recreated with its addresses and routes: it was missing" in d.text()
+        assert d.state()["repairs"] == {"event": 1}  # by the event, not by the periodic sync
+    finally:
+        assert d.stop() == 0, d.text()
+    assert "Traceback" not in d.text()
+
+
+def test_a_two_second_wan_flap_loses_no_connection(lab, tmp_path):
+    """Before: the SLAAC address went with the link, and the daemon tore everything down and
+    flushed conntrack, killing every IPv4 connection even though the prefix came back."""
+    ce = lab.ce_params()
+    chain = lab.br_add_ce(ce)
+    d = Daemon(lab, tmp_path, CONFIG).start()
+    out, stop = tmp_path / "hold.json", tmp_path / "stop-hold"
+    holder = None
+    try:
+        wait_for(lambda: tunnel_local(lab) == ce.ce_draft03 and d.synced_by_me(), 120, "the first sync")
+        holder = spawn(lab.lan, traffic.hold_tcp, SERVER, str(out), str(stop))
+        wait_for(lambda: out.exists() and json.loads(out.read_text())["echoes"] >= 3, 60, "an established connection")
+        before = json.loads(out.read_text())
+        sh(lab.ce, "ip", "link", "set", "wan0", "down")
+        wait_for(lambda: "prefix gone from wan0" in d.text(), 30, "the hold-down to begin")
+        sh(lab.ce, "sleep", "2")  # the flap: link down for two seconds
+        sh(lab.ce, "ip", "link", "set", "wan0", "up")
+        wait_for(lambda: json.loads(out.read_text())["echoes"] >= before["echoes"] + 5, 60, "echoes after the flap")
+        stop.touch()
+        os.waitpid(holder, 0)
+        holder = None
+        after = json.loads(out.read_text())
+        assert after["broken"] is None and after["sport"] == before["sport"], (before, after)
+        assert "conntrack" not in d.text() and "MAP-E off" not in d.text() and "moved" not in d.text(), d.text()
+        assert lab.br_counters(chain) == {"wrong-source": 0, "out-of-set": 0}
+    finally:
+        if holder is not None:
+            stop.touch()
+            os.waitpid(holder, 0)
+        assert d.stop() == 0, d.text()
+
+
+def test_of_two_mapped_prefixes_the_most_recently_announced_wins(lab, tmp_path):
+    """Before: the smallest address *string* won (5600 before 9a00), whatever was announced."""
+    lab.announce({"2400:4050:1234:5600::/64": 1800, "2400:4050:1234:9a00::/64": 3600})
+    newest = lab.ce_params("2400:4050:1234:9a00::/56")
+    wait_for(lambda: len([a for a in lab.wan_addresses() if not a["tentative"]]) >= 2, 60, "two SLAAC addresses")
+    d = Daemon(lab, tmp_path, CONFIG).start()
+    try:
+        wait_for(lambda: d.synced_by_me(), 120, "the first sync")
+        assert d.state()["ipv4"] == newest.ipv4 and tunnel_local(lab) == newest.ce_draft03
+    finally:
+        assert d.stop() == 0, d.text()
+
+
+def test_a_host_that_cannot_run_it_gets_one_message_and_exit_69(lab, tmp_path):
+    """No iptables at all, or no iptables-nft-restore for an explicit backend: one clear line and
+    EX_UNAVAILABLE, which the unit's RestartPreventExitStatus does not restart on. The conntrack
+    tool is not needed at all (connection tracking is read over netlink)."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    for tool in ("ip", "sh", "cat"):  # a PATH with no iptables and no conntrack
+        (bare / tool).symlink_to(subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip())
+    for config in (CONFIG, CONFIG + '[firewall]\nbackend = "iptables-nft"\n'):
+        d = Daemon(lab, tmp_path, config, {"PATH": str(bare)}).start()
+        assert d.proc.wait(120) == 69, d.text()
+        assert "this host cannot run mape-daemon" in d.text() and "iptables" in d.text(), d.text()
+        assert "Traceback" not in d.text()
+        assert "ip6tnl1" not in sh(lab.ce, "ip", "link")  # nothing half-made
+    # With iptables but no conntrack tool on the PATH, a renumbering still forgets old connections.
+    ipt = tmp_path / "ipt"
+    ipt.mkdir()
+    for tool in ("ip", "iptables", "iptables-nft-save", "iptables-nft-restore", "xtables-nft-multi"):
+        found = subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip()
+        if found:
+            (ipt / tool).symlink_to(found)
+    d = Daemon(lab, tmp_path, CONFIG, {"PATH": str(ipt)}).start()
+    try:
+        wait_for(lambda: d.synced_by_me(), 120, "a sync without the conntrack tool")
+    finally:
+        assert d.stop() == 0, d.text()
+
+
+STOP_POINTS = ["nft@2", "firewall:1@2", "firewall:2@2", "firewall:3@2", "route@2", "routingrule@2", "address@2"]
+
+
+def test_kill_9_inside_a_sync_then_restart_adopts_and_converges_without_duplicates(lab, tmp_path):
+    """20 times: a daemon is frozen at a point inside a repair sync (after the tunnel, before SNAT;
+    between two firewall tables; before the routes), killed with SIGKILL, and the next one's own
+    first sync (its pid in the state file) must end converged with exactly one of each object."""
+    ce = lab.ce_params()
+    lab.br_add_ce(ce)
+    d = Daemon(lab, tmp_path, CONFIG + "[daemon]\nsync_interval = 3600\n")
+    rng = random.Random(20)
+    for i in range(20):
+        point = STOP_POINTS[i % len(STOP_POINTS)] if i < len(STOP_POINTS) else rng.choice(STOP_POINTS)
+        d.start(MAPE_DEBUG_STOP_BEFORE=point)
+        wait_for(lambda: d.synced_by_me(), 180, f"run {i}: its own first sync")
+        assert_converged_once(lab, ce)
+        # Damage all kinds at once (the daemon paused meanwhile): one repair sync does everything,
+        # and freezes at `point`.
+        d.proc.send_signal(signal.SIGSTOP)
+        sh(lab.ce, "ip", "link", "del", "ip6tnl1")
+        for table, chain in (("filter", "MAPE-FWD"), ("mangle", "MAPE-MSS"), ("nat", "MAPE-SNAT")):
+            sh(lab.ce, "iptables", "-t", table, "-F", chain)  # one change per table: three firewall actions
+        sh(lab.ce, "ip", "rule", "del", "priority", "5000")
+        sh(lab.ce, "nft", "delete", "table", "ip", "mape")
+        d.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: proc_state(d.proc.pid) != "T", 10, f"run {i}: resumed")
+        wait_for(lambda: proc_state(d.proc.pid) == "T", 60, f"run {i}: frozen before {point}")
+        d.proc.kill()
+        d.proc.wait(30)
+    d.start()
+    try:
+        wait_for(lambda: d.synced_by_me(), 180, "the last restart's own first sync")
+        assert_converged_once(lab, ce)
+    finally:
+        assert d.stop() == 0, d.text()
+    assert "Traceback" not in d.text()
+
+
+def proc_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def assert_converged_once(lab, ce) -> None:
+    links = sh(lab.ce, "ip", "-o", "link", "show", "type", "ip6tnl")
+    assert sum(1 for line in links.splitlines() if "ip6tnl1@" in line) == 1, links
+    assert tunnel_local(lab) == ce.ce_draft03
+    save = sh(lab.ce, "iptables-save")
+    for jump in ("-o ip6tnl1 -j MAPE-SNAT", "-j MAPE-MSS", "-j MAPE-PBR", "-o ip6tnl1 -j MAPE-FWD"):
+        assert sum(1 for line in save.splitlines() if line.endswith(jump)) == 1, (jump, save)
+    assert save.count(f"--to-source {ce.ipv4}:") == 189
+    assert sh(lab.ce, "nft", "list", "tables").count("table ip mape") == 1
+    rules = [line for line in sh(lab.ce, "ip", "rule").splitlines() if "0x3e8" in line]
+    assert len(rules) == 2, rules
+    ours = [line for line in sh(lab.ce, "ip", "-6", "-o", "addr", "show", "dev", "wan0").splitlines() if "/128" in line]
+    assert len(ours) == 1 and ce.ce_draft03 in ours[0], ours
+    routes = sh(lab.ce, "ip", "route", "show", "table", "all", "proto", "203").splitlines()
+    assert sorted(r.split(" proto")[0].strip() for r in routes) == [
+        "default dev ip6tnl1", "unreachable default table 10 metric 4294967295"], routes  # fmt: skip
