@@ -227,7 +227,7 @@ EXAMPLES = {
     "check-config": "mape-daemon check-config -c /etc/mape-daemon/mape.toml",
     "plan": "mape-daemon plan -c /etc/mape-daemon/mape.toml",
     "apply": "mape-daemon apply -c /etc/mape-daemon/mape.toml",
-    "run": "systemctl start mape-daemon   (runs: mape-daemon run -c /etc/mape-daemon/mape.toml)",
+    "run": "mape-daemon run -c /etc/mape-daemon/mape.toml   (what systemctl start mape-daemon runs)",
     "status": "mape-daemon status --json",
     "cleanup": "mape-daemon cleanup",
 }
@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, func, config: str | None = str(DEFAULT_PATH)) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, epilog=f"example: {EXAMPLES[name]}")
+        p = sub.add_parser(name, help=help, description=help, epilog=f"example: {EXAMPLES[name]}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         what = f"config file (default {config})" if config else "map by this config's [isp] (default: bundled rules)"
         p.add_argument("-c", "--config", default=config, help=what)
         p.set_defaults(func=func)

@@ -33,12 +33,12 @@ class Tunnel:
         )
 
     def differences(self, wanted: Tunnel) -> list[str]:
-        """What differs from `wanted`, in words ("remote 2001:db8::1, not 2001:380:a120::9")."""
+        """What differs from `wanted`, in words ("remote was 2001:db8::1, wanted 2001:380:a120::9")."""
         out = []
         for f in fields(self):
             have, want = getattr(self, f.name), getattr(wanted, f.name)
             if have != want:
-                out.append(f"{'down' if want else 'up'}" if f.name == "up" else f"{f.name} {have}, not {want}")
+                out.append(("down" if want else "up") if f.name == "up" else f"{f.name} was {have}, wanted {want}")
         return out
 
     def settable(self, wanted: Tunnel) -> bool:
