@@ -173,6 +173,14 @@ class FirewallConfig(Model):
     guard: bool = Field(default=True, description="nftables table that drops what would leave the tunnel wrong")
 
 
+class FirewalldConfig(Model):
+    zone: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,17}$",  # firewalld's own limit for zone names
+        description="bind the tunnel to this firewalld zone at runtime, again after every reload",
+    )
+
+
 class PppoeConfig(Model):
     interface: IfName = "ppp0"
     fwmark: int = Field(default=1000, ge=1, le=2**32 - 1)
@@ -211,6 +219,7 @@ class Config(Model):
     snat: SnatConfig = SnatConfig()
     mss: MssConfig = MssConfig()
     firewall: FirewallConfig = FirewallConfig()
+    firewalld: FirewalldConfig = FirewalldConfig()
     pppoe: PppoeConfig | None = None
     daemon: DaemonConfig = DaemonConfig()
 

@@ -15,7 +15,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 # Why a sync runs (journal field MAPE_CAUSE), in the order a line names them.
+# Why a sync runs (journal field MAPE_CAUSE), in the order a line names them; events say which
+# source set them off (MAPE_TRIGGER): netlink (rtnetlink), nftables (an nf_tables commit by
+# someone else), firewalld (its reload or restart).
 CAUSES = ("start", "reload", "event", "hold-down", "retry", "periodic")
+EVENT_SOURCES = ("netlink", "nftables", "firewalld")
 
 
 @dataclass
@@ -53,7 +57,7 @@ class Schedule:
 
     def cause(self, now: float) -> str:
         """Why the sync starting now runs: the first of the pending causes."""
-        causes = set(self.causes)
+        causes = {"event" if c in EVENT_SOURCES else c for c in self.causes}
         if self.failures:
             causes.add("retry")
         if self.wake_at is not None and now >= self.wake_at:
@@ -61,6 +65,10 @@ class Schedule:
         if not causes:
             causes.add("periodic")
         return next(c for c in CAUSES if c in causes)
+
+    def triggers(self) -> tuple[str, ...]:
+        """The event sources pending for the sync about to start."""
+        return tuple(c for c in EVENT_SOURCES if c in self.causes)
 
     def started(self, now: float) -> None:
         self.last_start, self.running_since = now, now
@@ -84,7 +92,7 @@ class Schedule:
 class Runner:
     def __init__(
         self,
-        sync: Callable[[str], Awaitable[bool]],
+        sync: Callable[[str, tuple[str, ...]], Awaitable[bool]],
         schedule: Schedule | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -95,7 +103,7 @@ class Runner:
         self._stopping = False
         self.syncs = 0
 
-    def trigger(self, cause: str = "event", urgent: bool = False) -> None:
+    def trigger(self, cause: str = "netlink", urgent: bool = False) -> None:
         """Something changed (or a reload asked): sync soon, bursts coalesced."""
         self.schedule.causes.add(cause)
         self.schedule.urgent |= urgent
@@ -118,8 +126,8 @@ class Runner:
                     await asyncio.wait_for(self._wake.wait(), timeout=delay)
                 continue  # re-plan: a trigger may have moved the due time, or stop was asked
             now = self.clock()
-            cause = self.schedule.cause(now)
+            cause, triggers = self.schedule.cause(now), self.schedule.triggers()
             self.schedule.started(now)
-            ok = await self.sync(cause)
+            ok = await self.sync(cause, triggers)
             self.syncs += 1
             self.schedule.finished(ok, self.clock())

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import logging
@@ -39,6 +40,19 @@ STATE_DIR = Path(os.environ.get("MAPE_STATE_DIR", "/run/mape-daemon"))
 EXIT_OK, EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 69, 78
 HISTORY = 20  # changes kept for `status`
 WATCHER_BACKOFF_MAX = 60.0
+OVERFLOW_SAY_EVERY = 60.0  # a storm of route events (a BGP table loading) says so once a minute
+
+
+class PlainFormatter(logging.Formatter):
+    """For stderr: the journal's MAPE_CAUSE field, where a line has one, in brackets."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        cause = getattr(record, "MAPE_CAUSE", None)
+        if trigger := getattr(record, "MAPE_TRIGGER", None):
+            cause = f"{cause}: {trigger}"
+        text = f"[{cause}] {record.getMessage()}" if cause else record.getMessage()
+        return f"mape-daemon: {record.levelname}: {text}" + (f"\n{self.formatException(record.exc_info)}"
+                                                            if record.exc_info else "")  # fmt: skip
 
 
 def setup_logging() -> None:
@@ -51,7 +65,7 @@ def setup_logging() -> None:
         handler = JournalHandler(SYSLOG_IDENTIFIER="mape-daemon")
     else:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("mape-daemon: %(levelname)s: %(message)s"))
+        handler.setFormatter(PlainFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
@@ -72,8 +86,10 @@ def status_line(result: SyncResult) -> str:
     return f"{p.rule.isp or 'explicit'} {p.ipv4} psid {p.psid}, {p.ports} ports, {state}"
 
 
-def fields(result: SyncResult, event: str, cause: str) -> dict[str, str]:
+def fields(result: SyncResult, event: str, cause: str, triggers: tuple[str, ...] = ()) -> dict[str, str]:
     out = {"MAPE_EVENT": event, "MAPE_CAUSE": cause, "MAPE_CHANGES": str(len(result.plan.actions))}
+    if triggers:
+        out["MAPE_TRIGGER"] = ",".join(triggers)
     if (p := result.params) is not None:
         out |= {"MAPE_PREFIX": str(p.end_user_prefix), "MAPE_IPV4": str(p.ipv4), "MAPE_PSID": str(p.psid)}
     return out
@@ -116,6 +132,11 @@ class Service:
         self.last: SyncResult | None = None
         self.watcher_restarts = 0
         self.exit_code = EXIT_OK
+        self.overflows: Counter[str] = Counter()  # since the last line that said so, per source
+        self.overflow_said: dict[str, float] = {}
+        self.own_generation: int | None = None  # the nf_tables generation our last sync left
+        self.firewalld: Any = None  # what firewalld says of the tunnel (kernel.firewalld.ZoneState)
+        self.firewalld_said: str | None = None
         # Test knobs: a small netlink buffer (to force an overflow), a freeze before an action kind.
         self.rcvbuf = int(os.environ.get("MAPE_DEBUG_NETLINK_RCVBUF", 1 << 20))
         self.syncs = 0
@@ -144,7 +165,7 @@ class Service:
         self.runner.schedule.backoff_max = min(60.0, new.daemon.sync_interval)
         return None
 
-    async def sync_once(self, cause: str) -> bool:
+    async def sync_once(self, cause: str, triggers: tuple[str, ...] = ()) -> bool:
         reloaded = self.pending
         if reloaded is not None:
             problem = await asyncio.to_thread(self._switch_config, reloaded)
@@ -162,8 +183,11 @@ class Service:
             log.info("reload: %s applied", self.path, extra={"MAPE_EVENT": "reload", "MAPE_CAUSE": "reload"})
         self.syncs += 1
         result = await asyncio.to_thread(self.reconciler.sync)
+        from .kernel.nftevents import current_generation
+
+        self.own_generation = current_generation()
         self.last = result
-        self._report(result, cause)
+        self._report(result, cause, triggers)
         if isinstance(result.error, CannotRunHere):
             log.error("this host cannot run mape-daemon: %s", result.error, extra=fields(result, "error", cause))
             self.exit_code = EXIT_UNAVAILABLE
@@ -179,7 +203,7 @@ class Service:
         notify(f"STATUS={status_line(result)}")
         return result.ok
 
-    def _report(self, result: SyncResult, cause: str) -> None:
+    def _report(self, result: SyncResult, cause: str, triggers: tuple[str, ...] = ()) -> None:
         if result.error is not None:
             done = f" after {result.applied} of {len(result.plan.actions)} changes" if result.plan else ""
             # A traceback only for what we did not expect; kernel refusals explain themselves.
@@ -191,10 +215,11 @@ class Service:
             lines.insert(0, Line("hold", f"prefix gone from {self.config.wan.interface}: {result.selection.reason}"))
         self.holding = result.selection.held
         for line in lines:
-            log.info("%s", line.text, extra=fields(result, line.event, cause))
-            self.history.append({"time": time.time(), "cause": cause, "event": line.event, "text": line.text})
+            log.info("%s", line.text, extra=fields(result, line.event, cause, triggers))
+            self.history.append({"time": time.time(), "cause": ",".join(triggers) or cause, "event": line.event,
+                                 "text": line.text})  # fmt: skip
         if any(line.event == "repair" for line in lines):
-            self.repairs[cause] += 1  # repair syncs, by what set them off
+            self.repairs[",".join(triggers) or cause] += 1  # repair syncs, by what set them off
         for c in sorted(set(result.conflicts) - set(self.conflicts)):
             log.warning("conflict: %s", c, extra=fields(result, "conflict", cause))
         for c in sorted(set(self.conflicts) - set(result.conflicts)):
@@ -221,10 +246,12 @@ class Service:
             "ce_ipv6": str(p.ce_ipv6) if p else None,
             "ports": p.ports if p else None,
             "tunnel_name": self.config.tunnel.name,
+            "wan": self.config.wan.interface,
             "conflicts": list(result.conflicts),
             "history": list(self.history),
             "repairs": dict(self.repairs),
             "watcher_restarts": self.watcher_restarts,
+            "firewalld": None if self.firewalld is None else dataclasses.asdict(self.firewalld),
             "config_loaded_at": self.loaded_at,
         })  # fmt: skip
 
@@ -258,60 +285,101 @@ class Service:
                 notify("WATCHDOG=1")
             await asyncio.sleep(usec / 4e6)
 
-    async def events(self, bound: asyncio.Future) -> None:
-        """The netlink watcher, supervised: resubscribed after an overflow (events were lost, so a
-        full sync runs), restarted with backoff if it dies."""
+    async def supervise(
+        self, name: str, cause: str, start: Callable[[Callable[[], None]], Any], bound: asyncio.Future
+    ) -> None:
+        """Run one event source for good: resubscribed at once after an overflow (events were
+        lost, so a full sync runs), restarted with backoff if it dies. `bound` resolves once it is
+        subscribed, or fails with the reason it could not be."""
         from pyroute2.netlink.exceptions import NetlinkError
 
-        from .kernel.watch import watch
-
         delay = 1.0
+
+        def subscribed() -> None:
+            if not bound.done():
+                bound.set_result(True)
+
         while True:
-
-            def subscribed() -> None:
-                if not bound.done():
-                    bound.set_result(True)
-
             try:
-                await watch(lambda _event: self.runner.trigger("event"), subscribed, self.rcvbuf)
+                await start(subscribed)
+                return  # a source with nothing to watch here (no system bus) ends by itself
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 if not bound.done():
                     bound.set_exception(e)
                     return
-                # pyroute2 reports an overflowed socket as NetlinkError or OSError with ENOBUFS.
+                # pyroute2 reports an overflowed socket as NetlinkError, raw sockets as OSError: ENOBUFS.
                 overflow = (e.code if isinstance(e, NetlinkError) else getattr(e, "errno", None)) == errno.ENOBUFS
                 self.watcher_restarts += 1
+                extra = {"MAPE_EVENT": "watcher", "MAPE_CAUSE": "event", "MAPE_TRIGGER": cause}
                 if overflow:
-                    log.warning("netlink events overflowed the socket (some were lost): full sync, new subscription",
-                                extra={"MAPE_EVENT": "watcher", "MAPE_CAUSE": "event"})  # fmt: skip
+                    self.overflows[name] += 1
+                    if time.monotonic() - self.overflow_said.get(name, -OVERFLOW_SAY_EVERY) >= OVERFLOW_SAY_EVERY:
+                        log.warning(
+                            "%s events overflowed the socket (some were lost; %d time(s) since the last such "
+                            "line): full sync, new subscription", name, self.overflows[name], extra=extra,
+                        )  # fmt: skip
+                        self.overflow_said[name], self.overflows[name] = time.monotonic(), 0
                     delay = 1.0
                 else:
-                    log.error("netlink watcher died (%s: %s); restarting it in %.0f s", type(e).__name__, e, delay,
-                              extra={"MAPE_EVENT": "watcher", "MAPE_CAUSE": "event"})  # fmt: skip
-                self.runner.trigger("event")
+                    log.error("%s watcher died (%s: %s); restarting it in %.0f s", name, type(e).__name__, e, delay,
+                              extra=extra)  # fmt: skip
+                self.runner.trigger(cause)
                 if not overflow:
                     await asyncio.sleep(delay)
                     delay = min(WATCHER_BACKOFF_MAX, delay * 2)
 
+    def on_nftables(self, generation: int, pid: int | None) -> None:
+        """A committed nf_tables transaction: news unless this process or one of its iptables-restore
+        children made it (kernels that do not name the process: newer than our last sync's)."""
+        if pid is not None:
+            ours = pid == os.getpid() or pid in getattr(self.reconciler.kernel.fw, "writers", ())
+        else:
+            ours = self.own_generation is not None and generation <= self.own_generation
+        if not ours:
+            self.runner.trigger("nftables")
+
+    def on_firewalld(self, state: Any) -> None:
+        self.firewalld = state
+        if state.problem and state.problem != self.firewalld_said:
+            log.warning("firewalld: %s", state.problem, extra={"MAPE_EVENT": "firewalld", "MAPE_CAUSE": "firewalld"})
+        self.firewalld_said = state.problem
+
     async def run(self) -> int:
+        from .kernel import firewalld, nftevents, watch
+
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.runner.stop)
-        bound: asyncio.Future = loop.create_future()
-        watcher = asyncio.create_task(self.events(bound))
+        sources = {  # name: (what it triggers, how to start it)
+            "netlink": ("netlink", lambda up: watch.watch(lambda _e: self.runner.trigger("netlink"), up, self.rcvbuf)),
+            "nftables": ("nftables", lambda up: nftevents.watch(self.on_nftables, up, self.rcvbuf)),
+            "firewalld": ("firewalld", lambda up: firewalld.watch(
+                self.runner.trigger, up, self.on_firewalld, lambda: self.config.tunnel.name,
+                lambda: self.config.firewalld.zone,
+            )),
+        }  # fmt: skip
+        bound = {name: loop.create_future() for name in sources}
+        tasks = [asyncio.create_task(self.supervise(name, cause, start, bound[name]))
+                 for name, (cause, start) in sources.items()]  # fmt: skip
         try:
-            await bound  # subscribed before the first sync reads the kernel: no event is lost
+            await bound["netlink"]  # subscribed before the first sync reads the kernel: no event is lost
         except Exception as e:
             raise CannotRunHere(f"cannot subscribe to netlink events: {e}") from None
+        for name in ("nftables", "firewalld"):
+            try:
+                await asyncio.wait_for(bound[name], 10)
+            except Exception as e:  # the periodic sync still repairs what these would have told us
+                log.warning("no %s events (%s); the periodic sync repairs what they would have told", name,
+                            e or type(e).__name__, extra={"MAPE_EVENT": "watcher", "MAPE_CAUSE": name})  # fmt: skip
         dog = asyncio.create_task(self.watchdog())
         try:
             await self.runner.run()
         finally:
-            watcher.cancel()
-            dog.cancel()
+            for task in (*tasks, dog):
+                task.cancel()
         notify("STOPPING=1")
         code = await self.stop()
         return self.exit_code or code
@@ -333,18 +401,16 @@ class Service:
 
 
 def _stop_before(spec: str, syncs: Callable[[], int]) -> Callable[[Any], None]:
-    """MAPE_DEBUG_STOP_BEFORE=KIND[:N][@S]: SIGSTOP this process before the Nth action of KIND
-    (tunnel, address, route, routingrule, firewall, nft, conntrack) within one sync, from its Sth
-    sync on (default 1), so a test can kill -9 it at that point of a sync."""
+    """MAPE_DEBUG_STOP_BEFORE=KIND[:N][@S]: SIGSTOP this process before its Nth action of KIND
+    (tunnel, address, route, routingrule, firewall, nft, conntrack) counted from its Sth sync on
+    (default 1), so a test can kill -9 it at that point of a sync."""
     what, _, from_sync = spec.partition("@")
     kind, _, n = what.partition(":")
-    seen = {"sync": 0, "count": 0}
+    seen = {"count": 0}
 
     def hook(action: Any) -> None:
         if syncs() < int(from_sync or 1):
             return
-        if seen["sync"] != syncs():
-            seen["sync"], seen["count"] = syncs(), 0
         obj = getattr(action, "obj", action)
         name = {"FirewallChange": "firewall", "NftChange": "nft", "ConntrackCleanup": "conntrack"}.get(
             type(action).__name__, type(obj).__name__.lower()

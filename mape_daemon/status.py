@@ -32,7 +32,7 @@ def port_usage(ports: list[tuple[str, int]], ranges: list[tuple[int, int]]) -> d
 
 
 def collect(state_dir: Path) -> dict[str, Any]:
-    from .kernel import conntrack
+    from .kernel import conntrack, managers
     from .kernel.netlink import Netlink
     from .mapcalc import port_ranges
 
@@ -49,10 +49,30 @@ def collect(state_dir: Path) -> dict[str, Any]:
         nl.close()
     state["tunnel"] = {"name": tunnel, "present": live is not None, "up": bool(live and live.up),
                        "local": live.local if live else None, "remote": live.remote if live else None}  # fmt: skip
+    state["managers"] = managers.detect(state.get("wan", ""), tunnel)
     if state.get("ipv4") and state.get("psid") is not None:
         ranges = list(port_ranges(state["psid"], state["psid_len"], state["psid_offset"]))
         state["ports_in_use"] = port_usage(conntrack.nat_ports(state["ipv4"]), ranges)
     return state
+
+
+def manager_lines(s: dict[str, Any]) -> list[str]:
+    """firewalld (its backend, the tunnel's zone), NetworkManager and networkd (do they manage the
+    WAN or the tunnel)."""
+    m, fw = s.get("managers") or {}, s.get("firewalld") or {}
+    out = []
+    if m.get("firewalld_running") or fw.get("running"):
+        zone = fw.get("zone")
+        out.append(f"firewalld:  {fw.get('backend') or '?'} backend, tunnel in zone "
+                   f"{zone if zone else 'NONE' if zone == '' else '?'}"
+                   + (" (masquerades!)" if fw.get("masquerade") else ""))  # fmt: skip
+        if fw.get("problem"):
+            out.append(f"            {fw['problem']}")
+    if (nm := m.get("networkmanager")) is not None:
+        out.append(f"NetworkManager: manages the WAN: {nm.get('wan')}, the tunnel: {nm.get('tunnel')}")
+    if (nd := m.get("networkd")) is not None and any(nd.values()):
+        out.append(f"networkd:   WAN {nd.get('wan') or 'not known'}, tunnel {nd.get('tunnel') or 'not known'}")
+    return out
 
 
 def to_text(s: dict[str, Any]) -> str:
@@ -74,6 +94,7 @@ def to_text(s: dict[str, Any]) -> str:
         lines.append(f"{proto + ':':11} {u['in_use']} of {u['of']} ports in use{full}")
     for c in s.get("conflicts", []):
         lines.append(f"CONFLICT:   {c}")
+    lines += manager_lines(s)
     if s.get("repairs"):
         lines.append("repairs:    " + ", ".join(f"{n} by {cause}" for cause, n in sorted(s["repairs"].items())))
     history = s.get("history", [])[-HISTORY_SHOWN:]

@@ -24,7 +24,7 @@ def test_a_burst_of_triggers_is_one_sync_after_the_minimum_interval():
     s.started(10.0)
     s.finished(True, 10.0)
     for _ in range(20):
-        s.causes.add("event")  # twenty events in a row
+        s.causes.add("netlink")  # twenty events in a row
     assert s.wait(10.1) == pytest.approx(0.4) and s.cause(10.5) == "event"
     s.started(10.5)
     s.finished(True, 10.5)
@@ -81,8 +81,8 @@ def test_runner_coalesces_and_stops():
     async def scenario():
         calls = []
 
-        async def sync(cause):
-            calls.append((loop.time(), cause))
+        async def sync(cause, triggers):
+            calls.append((loop.time(), cause, triggers))
             if len(calls) == 2:
                 runner.stop()
             return True
@@ -97,5 +97,5 @@ def test_runner_coalesces_and_stops():
         return calls
 
     calls = asyncio.run(scenario())
-    assert [c for _, c in calls] == ["start", "event"]  # ten triggers, one sync
+    assert [(c, t) for _, c, t in calls] == [("start", ()), ("event", ("netlink",))]  # ten triggers, one sync
     assert calls[1][0] - calls[0][0] >= 0.05

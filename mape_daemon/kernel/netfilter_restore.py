@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+from collections import deque
 from collections.abc import Iterable
 
 from ..errors import CannotRunHere, RetryableError
@@ -67,17 +68,25 @@ class RestoreFirewall:
         self.name = binary
         self.save, self.restore = f"{binary}-save", f"{binary}-restore"
         self.writes = 0
+        self.writers: deque[int] = deque(maxlen=16)  # pids of our recent restores: their commits are ours
 
     def _run(self, argv: list[str], stdin: str | None = None) -> str:
         try:
-            r = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)  # fmt: skip
         except FileNotFoundError:
             raise CannotRunHere(f"{argv[0]} not found (install the Debian package iptables)") from None
+        if stdin is not None:
+            self.writers.append(proc.pid)
+        try:
+            out, err = proc.communicate(stdin, timeout=60)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
             raise RetryableError(f"{argv[0]} did not finish in 60 s (xtables lock held?)") from None
-        if r.returncode:
-            raise RetryableError(_explain(argv[0], r.stderr, stdin))
-        return r.stdout
+        if proc.returncode:
+            raise RetryableError(_explain(argv[0], err, stdin))
+        return out
 
     def normalize(self, chains: frozenset[Chain], jumps: tuple[Jump, ...]) -> tuple[frozenset[Chain], tuple[Jump, ...]]:
         return chains, jumps  # our text is already in iptables-save form

@@ -1,0 +1,88 @@
+"""nf_tables change events: the kernel announces every ruleset commit (nft, iptables-nft,
+firewalld's nftables backend, `nft flush ruleset`) on NETLINK_NETFILTER, group NFNLGRP_NFTABLES,
+closing each transaction with an NFT_MSG_NEWGEN that carries the new ruleset generation. That is
+all we listen for. A commit by another process (the message names the committing pid) means
+someone else changed netfilter, and a sync (which re-reads everything) follows; our own commits
+(this process through libnftables, our iptables-restore children) are no news. Legacy iptables
+sends nothing; the periodic sync stays for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Callable, Iterator
+
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 15, 16
+NFTA_GEN_ID, NFTA_GEN_PROC_PID = 1, 2
+NLM_F_REQUEST = 0x1
+NLMSG_ERROR = 2
+NEWGEN = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN
+HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
+NFGEN = 4  # nfgenmsg: family, version, res_id (network order)
+
+
+def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:
+    off = 0
+    while off + HEADER.size <= len(data):
+        length, kind, _flags, _seq, _pid = HEADER.unpack_from(data, off)
+        if length < HEADER.size:
+            break
+        yield kind, data[off + HEADER.size : off + length]
+        off += (length + 3) & ~3
+
+
+def _u32(payload: bytes, attr: int) -> int | None:
+    """A big-endian u32 attribute of an NFT_MSG_NEWGEN payload (after its nfgenmsg)."""
+    off = NFGEN
+    while off + 4 <= len(payload):
+        alen, atype = struct.unpack_from("=HH", payload, off)
+        if alen < 4:
+            return None
+        if atype & 0x3FFF == attr and alen >= 8:
+            return struct.unpack_from("!I", payload, off + 4)[0]
+        off += (alen + 3) & ~3
+    return None
+
+
+def generation_of(payload: bytes) -> int | None:
+    return _u32(payload, NFTA_GEN_ID)
+
+
+def current_generation() -> int | None:
+    """The ruleset generation now (NFT_MSG_GETGEN), or None where nf_tables is not available."""
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as s:
+            s.settimeout(2)
+            body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
+            s.send(HEADER.pack(HEADER.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
+                               NLM_F_REQUEST, 1, 0) + body)  # fmt: skip
+            for kind, payload in _messages(s.recv(8192)):
+                if kind == NEWGEN:
+                    return generation_of(payload)
+    except OSError:
+        return None
+    return None
+
+
+async def watch(trigger: Callable[[int, int | None], None], bound: Callable[[], None], rcvbuf: int = 1 << 20) -> None:
+    """Call trigger(generation, pid of the committing process) for every committed nf_tables
+    transaction, until cancelled. An overflow of the socket raises OSError(ENOBUFS), as for
+    rtnetlink."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, NETLINK_NETFILTER)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+        bound()
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await loop.sock_recv(sock, 1 << 16)
+            for kind, payload in _messages(data):
+                if kind == NEWGEN and (gen := generation_of(payload)) is not None:
+                    trigger(gen, _u32(payload, NFTA_GEN_PROC_PID))
+    finally:
+        sock.close()
