@@ -1,10 +1,14 @@
 """Where kernel tests run.
 
 Tests under tests/kernel/ need ip6tnl, ppp and friends. When this kernel can create an ip6tnl (a
-user's Debian box, as root) they run here, in-process. Otherwise (the build machines and CI) all
-of them run in ONE boot of the lab VM, and each shows up here as a proxy item carrying the
-outcome it had inside. A kernel test that is skipped in the VM, or that the VM never ran, fails:
-a missing lab is a failure, never a pass.
+user's Debian box, as root) they run here, in-process. Otherwise (the build machines and CI) they
+run in lab VM boots, and each shows up here as a proxy item carrying the outcome it had inside. A
+kernel test that is skipped in the VM, or that the VM never ran, fails: a missing lab is a
+failure, never a pass.
+
+A TCG VM keeps about one core busy, so the boots run side by side from the start of the session:
+the plain tests split in two VMs by file (PLAIN_SPLIT), and the one with systemd as PID 1; the
+host tests run meanwhile.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from functools import cache
 from pathlib import Path
@@ -48,6 +53,10 @@ def host_kernel_lacks() -> str | None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+# Files of plain kernel tests that boot their own (second) VM: about half the plain tests' time.
+PLAIN_SPLIT = frozenset({"test_daemon.py", "test_daemon_supervision.py"})
+
+
 def needs_systemd(item) -> bool:
     return "systemd" in item.path.relative_to(ROOT).parts
 
@@ -64,25 +73,54 @@ def pytest_collection_modifyitems(config, items):
     if plain and host_kernel_lacks() is None:
         plain = []  # this kernel can: run them here, in-process
     runners = {}
-    if plain:
-        runners.update(dict.fromkeys(plain, LabRun(config, [i.nodeid for i in plain])))
-    if systemd:
-        runners.update(dict.fromkeys(systemd, LabRun(config, [i.nodeid for i in systemd], systemd=True)))
+    groups = [
+        ([i for i in systemd], True),
+        ([i for i in plain if i.path.name in PLAIN_SPLIT], False),
+        ([i for i in plain if i.path.name not in PLAIN_SPLIT], False),
+    ]
+    for n, (group, with_systemd) in enumerate(groups):
+        if group:
+            run = LabRun(config, [i.nodeid for i in group], systemd=with_systemd, name=f"lab{n}")
+            runners.update(dict.fromkeys(group, run))
+            run.start()
     items[:] = [LabProxy.from_parent(i.parent, name=i.name, runner=runners[i]) if i in runners else i for i in items]
 
 
 class LabRun:
-    """One VM boot running every selected kernel test; results shared by the proxies."""
+    """One VM boot running its kernel tests in the background; results shared by the proxies."""
 
-    def __init__(self, config, nodeids: list[str], systemd: bool = False):
-        self.config, self.nodeids, self.systemd = config, nodeids, systemd
-        self.results: dict[str, dict] | None = None
+    def __init__(self, config, nodeids: list[str], systemd: bool = False, name: str = "lab"):
+        self.config, self.nodeids, self.systemd, self.name = config, nodeids, systemd, name
+        self.results: dict[str, dict] = {}
         self.error = ""
+        self.lines: list[str] = []  # its output, shown by the main thread while it waits
+        self._thread = threading.Thread(target=self._background, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _background(self) -> None:
+        try:
+            self.results = self._run()
+        except Exception as e:  # a broken lab fails every test it holds, with the reason
+            self.error = f"the lab run failed: {type(e).__name__}: {e}"
 
     def get(self) -> dict[str, dict]:
-        if self.results is None:
-            self.results = self._run()
-        return self.results
+        """Wait for the run, showing its output meanwhile (from this, the main, thread: the
+        capture manager is not for other threads)."""
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        tw = self.config.get_terminal_writer()
+        shown = 0
+        while True:
+            alive = self._thread.is_alive()
+            new, shown = self.lines[shown:], len(self.lines)
+            if new:
+                with capman.global_and_fixture_disabled():
+                    tw.write("".join(new))
+                    tw.flush()
+            if not alive:
+                return self.results
+            self._thread.join(1)
 
     def _run(self) -> dict[str, dict]:
         from tests.lab import vm
@@ -101,13 +139,9 @@ class LabRun:
             "--color=no",
             *self.nodeids,
         ]
-        capman = self.config.pluginmanager.getplugin("capturemanager")
-        tw = self.config.get_terminal_writer()
 
         def echo(line: str) -> None:
-            with capman.global_and_fixture_disabled():
-                tw.write(f"lab| {line}")
-                tw.flush()
+            self.lines.append(f"{self.name}| {line}")
 
         if self.systemd:
             echo("building the Debian package for the service tests (packaging/build-deb.sh)\n")

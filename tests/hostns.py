@@ -16,7 +16,7 @@ from tests.lab.netns import CLONE_NEWNET, _libc, setns
 
 
 @contextmanager
-def inside(name: str) -> Iterator[str]:
+def inside(name: str | None) -> Iterator[str | None]:
     """This thread (and what it starts) in namespace `name` until the block ends."""
     home = os.open("/proc/self/ns/net", os.O_RDONLY)
     try:

@@ -21,31 +21,50 @@ def tunnel_local(lab, name: str = "ip6tnl1") -> str | None:
     return words[words.index("local") + 1] if "local" in words else None
 
 
+def logged(log_path, line: str) -> bool:
+    return any(text.endswith(line) for text in log_path.read_text().splitlines())
+
+
 def test_daemon_follows_renumbering_repairs_reloads_and_stops_clean(lab, tmp_path):
+    """Each kind of repair, the renumbering and the reload, with the line the log gives each:
+    what was done to which object, why, and what set the sync off."""
     old = lab.ce_params()
     lab.br_add_ce(old)
     cfg = tmp_path / "mape.toml"
-    cfg.write_text(CONFIG)
+    config = CONFIG + "[pppoe]\n"
+    cfg.write_text(config)
     log_path = tmp_path / "daemon.log"
     env = {**os.environ, "MAPE_STATE_DIR": str(tmp_path / "run")}
     with open(log_path, "wb") as log:
         proc = popen(lab.ce, sys.executable, "-m", "mape_daemon", "run", "-c", str(cfg),
                      stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
     try:
-        wait_for(lambda: tunnel_local(lab) == old.ce_draft03, 120, "the first sync")
-        wait_for(lambda: "MAPE-SNAT-TCP" in sh(lab.ce, "iptables-save", "-t", "nat"), 30, "the SNAT chains")
+        wait_for(lambda: state_pid(tmp_path) == proc.pid, 120, "the first sync")  # finished: the routes are last
+        assert tunnel_local(lab) == old.ce_draft03
         assert call(lab.lan, traffic.tcp_sequential, SERVER, 1)[0].split()[0] == old.ipv4
 
         sh(lab.ce, "ip", "link", "del", "ip6tnl1")  # netlink tells the daemon at once
-        wait_for(lambda: tunnel_local(lab) == old.ce_draft03, 30, "the tunnel to come back")
-        sh(lab.ce, "iptables", "-t", "nat", "-F", "MAPE-SNAT")  # no event: the periodic sync repairs it
-        wait_for(lambda: "-A MAPE-SNAT -p tcp" in sh(lab.ce, "iptables-save", "-t", "nat"), 30, "the periodic sync")
+        back = "[event: netlink] tunnel ip6tnl1 recreated with its addresses and routes: it was missing"
+        wait_for(lambda: logged(log_path, back), 30, "the tunnel to come back")  # the line follows the sync
+        assert tunnel_local(lab) == old.ce_draft03
+        sh(lab.ce, "ip", "-6", "addr", "del", f"{old.ce_draft03}/128", "dev", "wan0")
+        ce_back = f"[event: netlink] CE address {old.ce_draft03}/128 on wan0 restored: it was missing"
+        wait_for(lambda: logged(log_path, ce_back), 30, "the CE address back")
+        sh(lab.ce, "ip", "rule", "del", "priority", "5000")
+        rule = "[event: netlink] rule 5000 (fwmark 0x3e8/0xffff -> table 10) restored: it was missing"
+        wait_for(lambda: logged(log_path, rule), 30, "the rule back")
+        sh(lab.ce, "iptables", "-t", "nat", "-F", "MAPE-SNAT-TCP")  # no rtnetlink event, but an nf_tables one
+        wait_for(lambda: logged(log_path, "[event: nftables] SNAT for tcp restored (63 rules): the chain was empty"),
+                 30, "the repair by the nf_tables event")  # fmt: skip
 
         lab.renumber("2400:4050:1234:9a00::/64")
         new = lab.ce_params()
         lab.br_add_ce(new)
         wait_for(lambda: tunnel_local(lab) == new.ce_draft03, 60, "re-convergence on the new prefix")
         wait_for(lambda: f"{new.ipv4}:" in sh(lab.ce, "iptables-save", "-t", "nat"), 30, "the new SNAT address")
+        moved = (f"[event: netlink] moved to {new.ipv4} psid {new.psid} (prefix 2400:4050:1234:9a00::/56 announced, "
+                 f"2400:4050:1234:5600::/56 deprecated; was {old.ipv4} psid {old.psid})")  # fmt: skip
+        assert logged(log_path, moved)
         answer = call(lab.lan, traffic.tcp_sequential, SERVER, 1)[0]
         assert answer.split()[0] == new.ipv4 and int(answer.split()[1]) in new.ports()
         state_file = tmp_path / "run" / "state.json"
@@ -69,8 +88,12 @@ def test_daemon_follows_renumbering_repairs_reloads_and_stops_clean(lab, tmp_pat
                  "the reload to be refused")  # fmt: skip
         assert proc.poll() is None and tunnel_local(lab) == new.ce_draft03
 
+        cfg.write_text(config + "[tunnel]\nmtu = 1400\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: logged(log_path, "[reload] tunnel ip6tnl1 changed: mtu was 1460, wanted 1400"), 30, "reload")
+
         # A good reload that renames the tunnel: the old one goes, nothing of it is left behind.
-        cfg.write_text(CONFIG + '[tunnel]\nname = "mape0"\n')
+        cfg.write_text(config + '[tunnel]\nname = "mape0"\n')
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: tunnel_local(lab, "mape0") == new.ce_draft03 and tunnel_local(lab) is None, 60, "mape0")
         wait_for(lambda: "-o mape0 -j MAPE-SNAT" in sh(lab.ce, "iptables-save", "-t", "nat"), 30, "the new jump")

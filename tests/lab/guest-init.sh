@@ -34,8 +34,12 @@ systemd)
   # container, and tmp.conf would make systemd-tmpfiles wipe /tmp at boot.
   rm -f /.dockerenv
   ln -sf /dev/null /etc/tmpfiles.d/tmp.conf
+  # The host's network managers stay off unless a test starts them (systemctl unmask/start).
   for u in apparmor.service systemd-udev-trigger.service systemd-timesyncd.service timers.target \
-           getty.target serial-getty@ttyS0.service postgresql.service cron.service; do
+           getty.target serial-getty@ttyS0.service postgresql.service cron.service \
+           NetworkManager.service NetworkManager-wait-online.service firewalld.service \
+           systemd-networkd.service systemd-networkd.socket systemd-networkd-wait-online.service \
+           wpa_supplicant.service ModemManager.service; do
     ln -sf /dev/null "/etc/systemd/system/$u"
   done
   cat > /etc/systemd/system/mape-lab-test.service <<UNIT

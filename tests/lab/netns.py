@@ -19,7 +19,11 @@ class NsCommandError(RuntimeError):
     pass
 
 
-def setns(name: str) -> None:
+def setns(name: str | None) -> None:
+    """Enter `ip netns` namespace `name`; None is the namespace we are in (a router that is the
+    VM's own root namespace, as NetworkManager and networkd need)."""
+    if name is None:
+        return
     fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
     try:
         if _libc.setns(fd, CLONE_NEWNET) != 0:
@@ -38,12 +42,12 @@ def sh(ns: str | None, *cmd: str, check: bool = True, input: str | None = None, 
     return r.stdout
 
 
-def popen(ns: str, *cmd: str, **kw: Any) -> subprocess.Popen:
+def popen(ns: str | None, *cmd: str, **kw: Any) -> subprocess.Popen:
     kw.setdefault("stdin", subprocess.DEVNULL)
-    return subprocess.Popen(["ip", "netns", "exec", ns, *cmd], **kw)
+    return subprocess.Popen(["ip", "netns", "exec", ns, *cmd] if ns else list(cmd), **kw)
 
 
-def call(ns: str, fn: Callable[..., Any], *args: Any, timeout: float = 120) -> Any:
+def call(ns: str | None, fn: Callable[..., Any], *args: Any, timeout: float = 120) -> Any:
     """Run fn(*args) in a forked child that has entered `ns`; return its result or re-raise.
 
     Forking is far cheaper than starting Python again (about 10 s under TCG in the lab VM)."""
@@ -77,7 +81,7 @@ def call(ns: str, fn: Callable[..., Any], *args: Any, timeout: float = 120) -> A
     return value
 
 
-def spawn(ns: str, fn: Callable[..., Any], *args: Any) -> int:
+def spawn(ns: str | None, fn: Callable[..., Any], *args: Any) -> int:
     """Run fn(*args) in a forked child inside `ns` until it is killed; return its pid."""
     pid = os.fork()
     if pid == 0:

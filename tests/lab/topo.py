@@ -55,7 +55,12 @@ def _write_sysctls(values: dict[str, str]) -> None:
 
 class Lab:
     def __init__(
-        self, workdir: Path, rule: LabRule = OCN, wan_prefix: str = "2400:4050:1234:5600::/64", vlan: bool = False
+        self,
+        workdir: Path,
+        rule: LabRule = OCN,
+        wan_prefix: str = "2400:4050:1234:5600::/64",
+        vlan: bool = False,
+        root: bool = False,
     ):
         self.dir = workdir
         self.rule = rule
@@ -65,6 +70,8 @@ class Lab:
         self.ppp = "pppoe-wan.1" if vlan else "ppp0"  # dots in a name must not become sysctl path levels
         tag = f"mt{os.getpid() % 100000}"
         self.ce, self.ce2, self.isp, self.lan, self.inet = (f"{tag}{r}" for r in ("ce", "ce2", "isp", "lan", "inet"))
+        if root:  # the router is this system itself (NetworkManager and networkd manage only it)
+            self.ce = None  # type: ignore[assignment]
         self.prefixes = [wan_prefix]
         self.lifetimes: dict[str, int] = {}  # prefix -> preferred lifetime, where not the default
         self.procs: dict[str, subprocess.Popen] = {}
@@ -75,8 +82,9 @@ class Lab:
     # --- building -------------------------------------------------------------------------
     def up(self, pppoe: bool = False) -> Lab:
         for ns in (self.ce, self.isp, self.lan, self.inet):
-            netns.sh(None, "ip", "netns", "add", ns)
-            netns.sh(ns, "ip", "link", "set", "lo", "up")
+            if ns is not None:
+                netns.sh(None, "ip", "netns", "add", ns)
+                netns.sh(ns, "ip", "link", "set", "lo", "up")
         self.sysctl(self.isp, {
             "net.ipv6.conf.all.forwarding": "1", "net.ipv4.ip_forward": "1",
             "net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0",
@@ -304,7 +312,11 @@ class Lab:
             except (ProcessLookupError, ChildProcessError):
                 pass
         for ns in (self.ce, self.ce2, self.isp, self.lan, self.inet):
-            netns.sh(None, "ip", "netns", "del", ns, check=False)
+            if ns is not None:
+                netns.sh(None, "ip", "netns", "del", ns, check=False)
+        if self.ce is None:  # the router was this system: take back what the lab gave it
+            for link in ("wan-0" if self.vlan else "wan0", "lan0", "br_lan", "ppp0", self.ppp):
+                netns.sh(None, "ip", "link", "del", link, check=False)
 
     def add_ce2(self, prefix64: str) -> None:
         """A second router on its own wire, for the BR's shared-IPv4 tests."""

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,7 @@ def _vmlinux(kver: str) -> Path:
             # Trailing bytes after the stream make the tool complain; the output is complete.
             raw = subprocess.run(cmd, input=data[at:], capture_output=True).stdout
             if raw[:4] == b"\x7fELF":
-                tmp = out.with_suffix(".tmp")
+                tmp = out.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")  # boots may start side by side
                 tmp.write_bytes(raw)
                 tmp.rename(out)
                 return out
@@ -127,7 +128,7 @@ def _initramfs(kver: str) -> Path:
         cpio = subprocess.run(
             ["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files.encode(), capture_output=True, check=True
         ).stdout
-    tmp_out = out.with_suffix(".tmp")
+    tmp_out = out.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
     tmp_out.write_bytes(gzip.compress(cpio, compresslevel=1))
     tmp_out.rename(out)
     return out
