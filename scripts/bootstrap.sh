@@ -12,6 +12,7 @@ APT_PACKAGES=(
   nftables conntrack                                      # the tests read the kernel with nft and conntrack
   qemu-system-x86 linux-image-amd64 busybox-static        # the lab VM (tests/lab)
   radvd ppp pppoe                                         # the lab's simulated ISP
+  firewalld network-manager dbus                          # the host managers the lab lives beside
   dpkg-dev debhelper                                      # the Debian package (packaging/)
 )
 
