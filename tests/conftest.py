@@ -6,9 +6,10 @@ run in lab VM boots, and each shows up here as a proxy item carrying the outcome
 kernel test that is skipped in the VM, or that the VM never ran, fails: a missing lab is a
 failure, never a pass.
 
-A TCG VM keeps about one core busy, so the boots run side by side from the start of the session:
-the plain tests split in two VMs by file (PLAIN_SPLIT), and the one with systemd as PID 1; the
-host tests run meanwhile.
+A TCG VM keeps about one core busy, so the boots run two at a time (this machine has two cores),
+each with one virtual CPU (more vCPUs than cores stall a guest's spinlocks), from the start of the
+session: one queue boots the systemd VM and then half the plain tests (PLAIN_SPLIT, by file), the
+other the rest of the plain tests.
 """
 
 from __future__ import annotations
@@ -73,16 +74,18 @@ def pytest_collection_modifyitems(config, items):
     if plain and host_kernel_lacks() is None:
         plain = []  # this kernel can: run them here, in-process
     runners = {}
-    groups = [
-        ([i for i in systemd], True),
-        ([i for i in plain if i.path.name in PLAIN_SPLIT], False),
-        ([i for i in plain if i.path.name not in PLAIN_SPLIT], False),
+    queues = [
+        [([i for i in systemd], True), ([i for i in plain if i.path.name in PLAIN_SPLIT], False)],
+        [([i for i in plain if i.path.name not in PLAIN_SPLIT], False)],
     ]
-    for n, (group, with_systemd) in enumerate(groups):
-        if group:
-            run = LabRun(config, [i.nodeid for i in group], systemd=with_systemd, name=f"lab{n}")
-            runners.update(dict.fromkeys(group, run))
-            run.start()
+    for q, queue in enumerate(queues):
+        runs = []
+        for n, (group, with_systemd) in enumerate(queue):
+            if group:
+                runs.append(LabRun(config, [i.nodeid for i in group], systemd=with_systemd, name=f"lab{q}{n}"))
+                runners.update(dict.fromkeys(group, runs[-1]))
+        if runs:
+            threading.Thread(target=lambda runs=runs: [r.run_here() for r in runs], daemon=True).start()
     items[:] = [LabProxy.from_parent(i.parent, name=i.name, runner=runners[i]) if i in runners else i for i in items]
 
 
@@ -94,33 +97,33 @@ class LabRun:
         self.results: dict[str, dict] = {}
         self.error = ""
         self.lines: list[str] = []  # its output, shown by the main thread while it waits
-        self._thread = threading.Thread(target=self._background, daemon=True)
+        self.shown = 0
+        self.done = threading.Event()
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def _background(self) -> None:
+    def run_here(self) -> None:
+        """Boot and run (in a queue's thread); never raises: a broken lab fails its tests."""
         try:
             self.results = self._run()
-        except Exception as e:  # a broken lab fails every test it holds, with the reason
+        except Exception as e:
             self.error = f"the lab run failed: {type(e).__name__}: {e}"
+        finally:
+            self.done.set()
 
     def get(self) -> dict[str, dict]:
         """Wait for the run, showing its output meanwhile (from this, the main, thread: the
         capture manager is not for other threads)."""
         capman = self.config.pluginmanager.getplugin("capturemanager")
         tw = self.config.get_terminal_writer()
-        shown = 0
         while True:
-            alive = self._thread.is_alive()
-            new, shown = self.lines[shown:], len(self.lines)
+            finished = self.done.is_set()
+            new, self.shown = self.lines[self.shown :], len(self.lines)
             if new:
                 with capman.global_and_fixture_disabled():
                     tw.write("".join(new))
                     tw.flush()
-            if not alive:
+            if finished:
                 return self.results
-            self._thread.join(1)
+            self.done.wait(1)
 
     def _run(self) -> dict[str, dict]:
         from tests.lab import vm
@@ -140,8 +143,17 @@ class LabRun:
             *self.nodeids,
         ]
 
-        def echo(line: str) -> None:
-            self.lines.append(f"{self.name}| {line}")
+        at_line_start = [True]
+
+        def echo(text: str) -> None:
+            """VM output arrives in pieces, not lines: prefix the run's name where a line begins."""
+            out = []
+            for piece in text.splitlines(keepends=True):
+                if at_line_start[0]:
+                    out.append(f"{self.name}| ")
+                out.append(piece)
+                at_line_start[0] = piece.endswith("\n")
+            self.lines.append("".join(out))
 
         if self.systemd:
             echo("building the Debian package for the service tests (packaging/build-deb.sh)\n")
@@ -152,7 +164,8 @@ class LabRun:
         mode = "with systemd as PID 1" if self.systemd else f"(this kernel: {host_kernel_lacks()})"
         echo(f"booting the lab VM for {len(self.nodeids)} kernel test(s) {mode}\n")
         try:
-            result = vm.run(cmd, timeout=1500, echo=echo, env={"MAPE_LAB_REPORT": str(report)}, systemd=self.systemd)
+            result = vm.run(cmd, timeout=1500, echo=echo, env={"MAPE_LAB_REPORT": str(report)}, systemd=self.systemd,
+                            cpus=1)  # two boots at a time on two cores  # fmt: skip
         except vm.LabError as e:
             self.error = f"the lab VM could not start: {e}"
             return {}

@@ -134,7 +134,7 @@ def _initramfs(kver: str) -> Path:
     return out
 
 
-def qemu_command(run_dir: Path, memory: str = "2G") -> list[str]:
+def qemu_command(run_dir: Path, memory: str = "2G", cpus: int = 2) -> list[str]:
     kver = kernel_version()
     CACHE.mkdir(exist_ok=True)
     qemu = shutil.which("qemu-system-x86_64")
@@ -144,7 +144,7 @@ def qemu_command(run_dir: Path, memory: str = "2G") -> list[str]:
     # /dev/kvm here only runs special guests, so TCG; -nodefaults keeps ROMs and devices out.
     return [
         qemu,
-        "-accel", "tcg", "-M", "pc", "-m", memory, "-smp", "2",
+        "-accel", "tcg", "-M", "pc", "-m", memory, "-smp", str(cpus),
         "-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio",
         "-kernel", str(_vmlinux(kver)), "-initrd", str(_initramfs(kver)), "-append", append,
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
@@ -159,6 +159,7 @@ def run(
     timeout: float = 900,
     echo=None,
     env: dict[str, str] | None = None,
+    cpus: int = 2,
 ) -> Result:
     """Boot, run `command` as root in the project folder, power off. Never raises on a bad run:
     the status says what happened (EXIT_TIMEOUT, EXIT_VM_DIED, or the command's own)."""
@@ -171,12 +172,10 @@ def run(
     started = time.monotonic()
     lines: list[str] = []
     proc = subprocess.Popen(
-        qemu_command(run_dir),
+        qemu_command(run_dir, cpus=cpus),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
         start_new_session=True,
     )
     timed_out = False
@@ -192,13 +191,15 @@ def run(
                 break
             if not sel.select(timeout=min(left, 1.0)):
                 continue
-            line = proc.stdout.readline()
-            if not line:
+            # Whatever is there, not a whole line: pytest's progress dots end no line, and a
+            # blocking readline would sleep through the deadline.
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
                 break
-            line = line.replace("\r", "")
-            lines.append(line)
+            text = chunk.decode(errors="replace").replace("\r", "")
+            lines.append(text)
             if echo:
-                echo(line)
+                echo(text)
     finally:
         if proc.poll() is None:
             proc.kill()
