@@ -22,7 +22,14 @@ def tunnel_local(lab, name: str = "ip6tnl1") -> str | None:
 
 
 def logged(log_path, line: str) -> bool:
-    return any(text.endswith(line) for text in log_path.read_text().splitlines())
+    """The daemon logged `line`: "[event: nftables] text" also matches a line whose bracket names
+    more triggers than that one ("[event: netlink,nftables] text")."""
+    cause, _, text = line.partition("] ")
+    for logged_line in log_path.read_text().splitlines():
+        head, _, rest = logged_line.partition("] ")
+        if rest == text and all(part.strip() in head for part in cause.lstrip("[").replace(":", ",").split(",")):
+            return True
+    return False
 
 
 def test_daemon_follows_renumbering_repairs_reloads_and_stops_clean(lab, tmp_path):
