@@ -63,6 +63,7 @@ def setup_logging() -> None:
         from systemd.journal import JournalHandler
 
         handler = JournalHandler(SYSLOG_IDENTIFIER="mape-daemon")
+        handler.setFormatter(logging.Formatter("%(message)s"))  # the priority is a field of its own
     else:
         handler = logging.StreamHandler()
         handler.setFormatter(PlainFormatter())
@@ -343,8 +344,11 @@ class Service:
     def on_firewalld(self, state: Any) -> None:
         self.firewalld = state
         if state.problem and state.problem != self.firewalld_said:
-            log.warning("firewalld: %s", state.problem, extra={"MAPE_EVENT": "firewalld", "MAPE_CAUSE": "firewalld"})
+            extra = {"MAPE_EVENT": "firewalld", "MAPE_CAUSE": "event", "MAPE_TRIGGER": "firewalld"}
+            log.warning("firewalld: %s", state.problem, extra=extra)
         self.firewalld_said = state.problem
+        if self.last is not None:
+            self._write_status(self.last)
 
     async def run(self) -> int:
         from .kernel import firewalld, nftevents, watch

@@ -42,6 +42,8 @@ def test_firewalld_nftables_reload_restart_direct_rule_and_nft_flush(lab, tmp_pa
     try:
         wait_for(lambda: d.synced_by_me() and fw.zone_of("ip6tnl1") == "mape", 180, "converged, in zone mape")
         checks.data_path(lab, ce, chain)
+        wait_for(lambda: (d.state().get("firewalld") or {}).get("zone") == "mape", 30, "status to say so")
+        assert d.state()["firewalld"]["backend"] == "nftables" and d.state()["firewalld"]["problem"] is None
         before = checks.foreign(lab.ce)
 
         t0 = fw.reload()  # F1: Debian's 1.3.3 flushes the iptables tables on every reload
