@@ -269,6 +269,10 @@ class Lab:
     # --- PPPoE --------------------------------------------------------------------------------
     def start_pppoe(self) -> None:
         """The access concentrator on the same wire as IPv6 (as on NTT NGN), then the router's pppd."""
+        self.start_pppoe_server()
+        self.start_pppd()
+
+    def start_pppoe_server(self) -> None:
         for mod in ("ppp_generic", "pppoe"):
             netns.sh(None, "modprobe", mod)
         opts = self.dir / "pppoe-server-options"
@@ -280,7 +284,6 @@ class Lab:
         )  # fmt: skip
         with IPRoute(netns=self.inet) as ipr:
             ipr.route("add", dst="100.64.0.0/24", gateway=ISP_INET)
-        self.start_pppd()
 
     def start_pppd(self) -> None:
         log = open(self.dir / "pppd.log", "ab")  # noqa: SIM115

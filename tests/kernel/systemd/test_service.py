@@ -8,64 +8,21 @@ ip6_tunnel yet.
 
 from __future__ import annotations
 
-import glob
 import json
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.kernel.conftest import running_lab
+from tests.kernel.systemd.conftest import CONF, CONFIG, active, journal, run, show, use_namespace
 from tests.lab import traffic
 from tests.lab.netns import call, sh
 from tests.lab.topo import SERVER, wait_for
 
-ROOT = Path(__file__).resolve().parents[3]
-CONFIG = '[wan]\ninterface = "wan0"\n'
-CONF = Path("/etc/mape-daemon/mape.toml")
-DROPIN = Path("/etc/systemd/system/mape-daemon.service.d")
-
-
-def run(*cmd: str, check: bool = True) -> str:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if check and r.returncode:
-        raise AssertionError(f"{' '.join(cmd)} -> {r.returncode}\n{r.stdout}{r.stderr}")
-    return r.stdout
-
-
-def active(unit: str = "mape-daemon") -> str:
-    return run("systemctl", "is-active", unit, check=False).strip()
-
-
-def show(prop: str) -> str:
-    return run("systemctl", "show", "-p", prop, "--value", "mape-daemon").strip()
-
-
-def journal(*args: str) -> str:
-    return run("journalctl", "-u", "mape-daemon", "--no-pager", *args, check=False)
-
-
-@pytest.fixture(scope="module")
-def package():
-    (deb,) = glob.glob(str(ROOT / "dist" / "mape-daemon_*.deb"))
-    run("dpkg", "-i", deb)
-    assert active() == "inactive"  # installed, not started: the example config names eth0
-    assert CONF.exists()
-    return deb
-
-
-def use_namespace(ns: str, extra: str = "") -> None:
-    """Run the service in `ns` (the lab router), with optional extra [Service] lines."""
-    DROPIN.mkdir(parents=True, exist_ok=True)
-    (DROPIN / "lab.conf").write_text(f"[Service]\nNetworkNamespacePath=/run/netns/{ns}\n{extra}")
-    run("systemctl", "daemon-reload")
-    run("systemctl", "reset-failed", "mape-daemon", check=False)
-    run("journalctl", "--rotate", check=False)
-
 
 def test_a_kernel_without_ip6tnl_fails_once_with_69_and_no_restart_loop(package, tmp_path):
-    assert "ip6_tunnel" not in Path("/proc/modules").read_text(), "precondition: ip6_tunnel already loaded"
+    subprocess.run(["modprobe", "-r", "ip6_tunnel"], capture_output=True)  # earlier tests in this boot loaded it
+    assert "ip6_tunnel" not in Path("/proc/modules").read_text(), "precondition: ip6_tunnel still loaded"
     Path("/etc/modprobe.d/no-ip6tnl.conf").write_text("install ip6_tunnel /bin/false\n")
     ns = f"noip6-{tmp_path.name[-6:]}"
     try:
@@ -115,6 +72,7 @@ def test_package_installs_starts_reloads_logs_and_stops_clean(package, tmp_path,
             assert start and start[0]["MAPE_IPV4"] == ce.ipv4 and start[0]["MAPE_PSID"] == str(ce.psid)
             repair = [r for r in records if r.get("MAPE_EVENT") == "repair"]
             assert repair and repair[0]["MAPE_CAUSE"] == "event" and "ip6tnl1" in repair[0]["MESSAGE"]
+            assert repair[0]["MESSAGE"].startswith("tunnel ip6tnl1")  # the level is PRIORITY, not "INFO:mape-daemon:"
         finally:
             run("systemctl", "stop", "mape-daemon", check=False)
         assert active() == "inactive" and show("ExecMainStatus") == "0"
