@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from tests.lab import traffic
 from tests.lab.netns import call, popen, sh, spawn
@@ -60,6 +61,7 @@ def test_daemon_follows_renumbering_repairs_reloads_and_stops_clean(lab, tmp_pat
         sh(lab.ce, "ip", "rule", "del", "priority", "5000")
         rule = "[event: netlink] rule 5000 (fwmark 0x3e8/0xffff -> table 10) restored: it was missing"
         wait_for(lambda: logged(log_path, rule), 30, "the rule back")
+        settled(tmp_path)  # between syncs: the echo of our own rule add triggers one too
         sh(lab.ce, "iptables", "-t", "nat", "-F", "MAPE-SNAT-TCP")  # no rtnetlink event, but an nf_tables one
         wait_for(lambda: logged(log_path, "[event: nftables] SNAT for tcp restored (63 rules): the chain was empty"),
                  30, "the repair by the nf_tables event")  # fmt: skip
@@ -71,7 +73,7 @@ def test_daemon_follows_renumbering_repairs_reloads_and_stops_clean(lab, tmp_pat
         wait_for(lambda: f"{new.ipv4}:" in sh(lab.ce, "iptables-save", "-t", "nat"), 30, "the new SNAT address")
         moved = (f"[event: netlink] moved to {new.ipv4} psid {new.psid} (prefix 2400:4050:1234:9a00::/56 announced, "
                  f"2400:4050:1234:5600::/56 deprecated; was {old.ipv4} psid {old.psid})")  # fmt: skip
-        assert logged(log_path, moved)
+        wait_for(lambda: logged(log_path, moved), 30, "the line, which follows the sync")
         answer = call(lab.lan, traffic.tcp_sequential, SERVER, 1)[0]
         assert answer.split()[0] == new.ipv4 and int(answer.split()[1]) in new.ports()
         state_file = tmp_path / "run" / "state.json"
@@ -114,6 +116,23 @@ def test_daemon_follows_renumbering_repairs_reloads_and_stops_clean(lab, tmp_pat
     assert tunnel_local(lab) is None and tunnel_local(lab, "mape0") is None
     assert "MAPE-" not in sh(lab.ce, "iptables-save")
     assert new.ce_draft03 not in sh(lab.ce, "ip", "-6", "addr")
+
+
+def settled(tmp_path, quiet: float = 1.0) -> None:
+    """Return just after a sync (the state file is written after each one, the periodic ones
+    included) followed by `quiet` seconds without another: the next periodic sync is then seconds
+    away, and an event's sync cannot be mistaken for it."""
+    path = tmp_path / "run" / "state.json"
+    first = path.stat().st_mtime_ns
+    wait_for(lambda: path.stat().st_mtime_ns != first, 60, "a sync")
+    last = [path.stat().st_mtime_ns, time.monotonic()]
+
+    def still() -> bool:
+        if (mtime := path.stat().st_mtime_ns) != last[0]:
+            last[:] = [mtime, time.monotonic()]
+        return time.monotonic() - last[1] >= quiet
+
+    wait_for(still, 60, "the daemon to settle")
 
 
 def state_pid(tmp_path) -> int | None:
