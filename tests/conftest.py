@@ -9,7 +9,7 @@ failure, never a pass.
 A TCG VM keeps about one core busy, so the boots run two at a time (this machine has two cores),
 each with one virtual CPU (more vCPUs than cores stall a guest's spinlocks), from the start of the
 session: one queue boots the systemd VM and then half the plain tests (PLAIN_SPLIT, by file), the
-other the rest of the plain tests.
+other the rest of the plain tests. The host tests run meanwhile, before the proxies.
 """
 
 from __future__ import annotations
@@ -86,7 +86,10 @@ def pytest_collection_modifyitems(config, items):
                 runners.update(dict.fromkeys(group, runs[-1]))
         if runs:
             threading.Thread(target=lambda runs=runs: [r.run_here() for r in runs], daemon=True).start()
-    items[:] = [LabProxy.from_parent(i.parent, name=i.name, runner=runners[i]) if i in runners else i for i in items]
+    # Host tests first, while the VMs boot: the main thread only waits on a proxy's VM when it gets to it.
+    items[:] = [i for i in items if i not in runners] + [
+        LabProxy.from_parent(i.parent, name=i.name, runner=runners[i]) for i in items if i in runners
+    ]
 
 
 class LabRun:
