@@ -169,7 +169,7 @@ class MssConfig(Model):
 
 
 class FirewallConfig(Model):
-    backend: Literal["auto", "iptables-legacy", "iptables-nft"] = "auto"
+    backend: Literal["auto", "nftables", "iptables-nft", "iptables-legacy"] = "auto"
     guard: bool = Field(default=True, description="nftables table that drops what would leave the tunnel wrong")
 
 

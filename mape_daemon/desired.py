@@ -15,6 +15,7 @@ SNAT_CHAIN = "MAPE-SNAT"
 SUB_CHAIN = {"tcp": "MAPE-SNAT-TCP", "udp": "MAPE-SNAT-UDP", "icmp": "MAPE-SNAT-ICMP"}
 # PPPoE-only traffic finds this when ppp0 is absent: it fails closed instead of leaving by MAP-E.
 UNREACHABLE_METRIC = 2**32 - 1
+NAT_CHAIN = "nat-out"  # the nftables backend's SNAT chain in our table
 GUARD_PRIORITY = 300  # after every source NAT (srcnat is 100; firewalld masquerades at 110)
 
 
@@ -65,11 +66,11 @@ def nft_set(items: Collection[str]) -> str:
     return next(iter(items)) if len(items) == 1 else "{ " + ", ".join(items) + " }"
 
 
-def guard_table(config: Config, params: MapParams) -> str:
-    """Our nftables table: after every source NAT, drop what would leave the tunnel with a source
-    other than the MAP IPv4, a port or ICMP id outside the set, a protocol we do not SNAT, or from
-    a host that must use PPPoE. The BR would drop it anyway; dropped here it never gets a conntrack
-    entry, so a flushed or half-replaced nat table cannot leave wrong mappings behind."""
+def guard_rules(config: Config, params: MapParams) -> list[str]:
+    """After every source NAT, drop what would leave the tunnel with a source other than the MAP
+    IPv4, a port or ICMP id outside the set, a protocol we do not SNAT, or from a host that must
+    use PPPoE. The BR would drop it anyway; dropped here it never gets a conntrack entry, so a
+    flushed or half-replaced nat table cannot leave wrong mappings behind."""
     protos = config.snat.protocols
     ports = nft_set([f"{lo}-{hi}" if hi > lo else str(lo) for lo, hi in params.port_ranges])
     lines = []
@@ -83,22 +84,90 @@ def guard_table(config: Config, params: MapParams) -> str:
     # Errors the router sends about a flow carry no port or id of their own.
     lines.append("icmp type { destination-unreachable, time-exceeded, parameter-problem } accept")
     lines.append("counter drop")
-    body = "\n".join(f"\t\t{line}" for line in lines)
-    return (
-        "table ip mape {\n"
-        "\tchain guard {\n"
-        f"\t\ttype filter hook postrouting priority {GUARD_PRIORITY}; policy accept;\n"
-        f'\t\toifname "{config.tunnel.name}" jump tunnel-out\n'
-        "\t}\n"
-        "\tchain tunnel-out {\n"
-        f"{body}\n"
-        "\t}\n"
-        "}\n"
-    )
+    return lines
 
 
-def build(config: Config, params: MapParams | None, links: Collection[str] = ()) -> State:
-    """The whole desired state. `links` are the interfaces that exist now (ppp0 may come late)."""
+def nft_chain(name: str, hook: str | None, rules: list[str]) -> str:
+    head = f"\t\t{hook}; policy accept;\n" if hook else ""
+    return f"\tchain {name} {{\n{head}" + "".join(f"\t\t{r}\n" for r in rules) + "\t}\n"
+
+
+def nft_table(chains: list[str]) -> str:
+    return "table ip mape {\n" + "".join(chains) + "}\n"
+
+
+def guard_chains(config: Config, params: MapParams) -> list[str]:
+    hook = f"type filter hook postrouting priority {GUARD_PRIORITY}"
+    return [
+        nft_chain("guard", hook, [f'oifname "{config.tunnel.name}" jump tunnel-out']),
+        nft_chain("tunnel-out", None, guard_rules(config, params)),
+    ]
+
+
+def guard_table(config: Config, params: MapParams) -> str:
+    """Our nftables table beside iptables chains: the guard alone."""
+    return nft_table(guard_chains(config, params))
+
+
+def holds_snat(script: str) -> bool:
+    """Our nftables table holds all our netfilter state (nftables backend), not the guard alone."""
+    return f"chain {NAT_CHAIN} " in script
+
+
+def set_mark(mask: int, mark: int, what: str = "meta mark") -> str:
+    """`what` = (`what` & ~mask) | mark: the bits outside our mask are someone else's. (Kernel 6.1
+    cannot OR two registers, so a mark is copied only under a match, never computed from another.)"""
+    return f"{what} set {what} and {~mask & 0xFFFFFFFF:#x} or {mark:#x}"
+
+
+def native_table(config: Config, params: MapParams, ranges: list[tuple[int, int]]) -> str:
+    """The nftables backend: all our netfilter state in our own table, replaced in one transaction.
+
+    SNAT spreads new connections over every range of the pool as data: `numgen inc` picks the
+    n-th entry of a map of address . port-range pairs, so N connections land in N different
+    ranges. Its priority is one below srcnat: the first NAT binding wins, so a user's catch-all
+    masquerade (iptables-nft or nft, at srcnat) cannot take our tunnel's traffic."""
+    t, protos, ipv4 = config.tunnel, config.snat.protocols, str(params.ipv4)
+    entries = ", ".join(f"{i} : {ipv4} . {lo}-{hi}" for i, (lo, hi) in enumerate(ranges))
+    nat = [f'oifname "{t.name}" meta l4proto {nft_set(protos)} counter snat ip to numgen inc mod {len(ranges)} '
+           f"map {{ {entries} }}"]  # fmt: skip
+    chains = []
+    # Protocols without ports (GRE, ESP, ...) cannot cross MAP-E: drop and count them.
+    forward = [f'oifname "{t.name}" meta l4proto != {nft_set(protos)} counter drop']
+    if config.mss.clamp:
+        chains.append(nft_chain("mss", "type filter hook forward priority mangle", [
+            f'oifname "{t.name}" tcp flags & (syn | rst) == syn tcp option maxseg size set rt mtu',
+            f'iifname "{t.name}" tcp flags & (syn | rst) == syn tcp option maxseg size > {t.mtu - 40} '
+            f"tcp option maxseg size set {t.mtu - 40}",
+        ]))  # fmt: skip
+    if (ppp := config.pppoe) is not None:
+        mine = f"ct mark and {ppp.mask:#x} == {ppp.fwmark:#x} {set_mark(ppp.mask, ppp.fwmark)}"
+        pbr = []
+        if ppp.mark_incoming:
+            pbr.append(f'iifname "{ppp.interface}" {set_mark(ppp.mask, ppp.fwmark, "ct mark")}')
+        pbr += [f'iifname "{lan}" {mine}' for lan in config.lan_interfaces]
+        pbr += [f"ip saddr {host} {set_mark(ppp.mask, ppp.fwmark)}" for host in ppp.hosts]
+        # What we do not SNAT (GRE, ESP, ...) leaves by PPPoE, which carries any protocol.
+        pbr.append(f'iifname != "{ppp.interface}" meta l4proto != {nft_set(protos)} counter '
+                   f"{set_mark(ppp.mask, ppp.fwmark)}")  # fmt: skip
+        chains += [
+            nft_chain("pbr", "type filter hook prerouting priority mangle", pbr),
+            nft_chain("pbr-out", "type route hook output priority mangle", [mine]),
+        ]
+        if ppp.masquerade:
+            nat.append(f'oifname "{ppp.interface}" masquerade')
+    chains += [
+        nft_chain(NAT_CHAIN, "type nat hook postrouting priority srcnat - 1", nat),
+        nft_chain("fwd-out", "type filter hook forward priority filter", forward),
+    ]
+    if config.firewall.guard:
+        chains += guard_chains(config, params)
+    return nft_table(chains)
+
+
+def build(config: Config, params: MapParams | None, links: Collection[str] = (), native: bool = False) -> State:
+    """The whole desired state. `links` are the interfaces that exist now (ppp0 may come late);
+    `native`: the nftables backend, all our netfilter state in our table, no iptables chains."""
     if params is None:
         return NOTHING
     t, wan = config.tunnel, config.wan.interface
@@ -165,6 +234,11 @@ def build(config: Config, params: MapParams | None, links: Collection[str] = ())
                 loose_rp.add(ppp.interface)
         routes.add(Route("default", "", ppp.table, UNREACHABLE_METRIC, kind="unreachable"))
 
+    if native:
+        chains, jumps = [], []
+        nft = native_table(config, params, ranges)
+    else:
+        nft = guard_table(config, params) if config.firewall.guard else None
     return State(
         tunnels=frozenset({tunnel}),
         addresses=frozenset(addresses),
@@ -173,5 +247,5 @@ def build(config: Config, params: MapParams | None, links: Collection[str] = ())
         loose_rp=frozenset(loose_rp),
         chains=frozenset(chains),
         jumps=tuple(sorted(jumps)),
-        nft=guard_table(config, params) if config.firewall.guard else None,
+        nft=nft,
     )

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .desired import holds_snat
 from .state import Address, Chain, Jump, Route, RoutingRule, State, Tunnel
 
 NetObject = Tunnel | Address | Route | RoutingRule
@@ -69,7 +70,9 @@ class NftChange:
     why: str = ""
 
     def __str__(self) -> str:
-        return "- nftables table ip mape" if self.script is None else "+ nftables table ip mape (guard)"
+        if self.script is None:
+            return "- nftables table ip mape"
+        return f"+ nftables table ip mape ({'SNAT, guard' if holds_snat(self.script) else 'guard'})"
 
 
 @dataclass(frozen=True)

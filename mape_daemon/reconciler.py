@@ -29,7 +29,7 @@ class KernelPort(Protocol):
     """What the reconciler needs of a kernel: mape_daemon.kernel.LinuxKernel, or the test fake."""
 
     writes: int  # kernel writes so far (the no-op oracle: a second sync adds none)
-    backend: str  # where our iptables chains live
+    backend: str  # where our netfilter state lives: iptables-nft, iptables-legacy, or nftables (our table only)
     conntrack_deleted: int  # conntrack entries deleted so far
 
     def session(self) -> AbstractContextManager[None]: ...
@@ -189,9 +189,9 @@ class Reconciler:
             if selection.params is not None:
                 self._check_tunnel_name(cfg, obs)
                 if rec.backend and rec.backend != self.kernel.backend:
-                    raise ConflictError(f"our iptables chains live in {rec.backend}, and this config uses "
+                    raise ConflictError(f"our netfilter state lives in {rec.backend}, and this config uses "
                                         f"{self.kernel.backend}: run `mape-daemon cleanup` first")  # fmt: skip
-            want = desired_mod.build(cfg, selection.params, obs.links)
+            want = desired_mod.build(cfg, selection.params, obs.links, native=self.kernel.backend == "nftables")
             want, conflicts = _describe_conflicts(cfg, want, obs)
             if want is not NOTHING:
                 want = self.kernel.normalize(want)
@@ -272,7 +272,9 @@ class Reconciler:
                     rec.addresses.append(key)
         elif isinstance(action, RpFilterChange) and action.ifname not in rec.rp_filter:
             rec.rp_filter[action.ifname] = str(observed.rp_filter.get(action.ifname, 1))
-        elif isinstance(action, FirewallChange) and (action.replace or action.add_jumps):
+        elif (isinstance(action, FirewallChange) and (action.replace or action.add_jumps)) or (
+            isinstance(action, NftChange) and action.script and self.kernel.backend == "nftables"
+        ):
             rec.backend = self.kernel.backend
         elif isinstance(action, ConntrackCleanup) and action.to_json() not in rec.pending_conntrack:
             rec.pending_conntrack.append(action.to_json())

@@ -45,7 +45,7 @@ class Mapping:
 
 @dataclass
 class Record:
-    backend: str | None = None  # where our iptables chains live (iptables-nft, iptables-legacy)
+    backend: str | None = None  # where our netfilter state lives (iptables-nft, iptables-legacy, nftables)
     tunnels: list[str] = field(default_factory=list)
     addresses: list[tuple[str, str]] = field(default_factory=list)  # (ifname, CE address) /128s we added
     rp_filter: dict[str, str] = field(default_factory=dict)  # ifname -> the value before we loosened it

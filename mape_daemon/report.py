@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
 
-from .desired import SUB_CHAIN
+from .desired import SUB_CHAIN, holds_snat
 from .plan import Action, ConntrackCleanup, FirewallChange, NetAction, NftChange, RpFilterChange
 from .reconciler import SyncResult
 from .state import Address, Route, RoutingRule, Tunnel
@@ -99,8 +99,8 @@ def repair_lines(actions: tuple[Action, ...], deleted: int, restored: str = "res
                            f"{extra[0].chain}: each would run our chain again")  # fmt: skip
         elif isinstance(a, NftChange):
             verb = "updated" if a.why == "differed" else restored
-            out.append("guard table ip mape removed: no longer wanted" if a.script is None
-                       else f"guard table ip mape {verb}: {_why(a.why)}")  # fmt: skip
+            out.append("table ip mape removed: no longer wanted" if a.script is None
+                       else f"{table_words(a.script)} {verb}: {_why(a.why)}")  # fmt: skip
         elif isinstance(a, RpFilterChange):
             out.append(f"rp_filter of {a.ifname} set to 2 (loose): it was strict, and PPPoE replies arrive where "
                        "main's default route does not point" if a.value == "2"
@@ -108,6 +108,10 @@ def repair_lines(actions: tuple[Action, ...], deleted: int, restored: str = "res
         elif isinstance(a, ConntrackCleanup) and deleted:
             out.append(f"conntrack: {deleted} stale connection(s) deleted: {a.why}")
     return out
+
+
+def table_words(script: str) -> str:
+    return "nftables table ip mape (SNAT, guard)" if holds_snat(script) else "guard table ip mape"
 
 
 def summary(actions: tuple[Action, ...]) -> str:
@@ -119,10 +123,9 @@ def summary(actions: tuple[Action, ...]) -> str:
         elif isinstance(a, FirewallChange):
             kinds["chain"] += len(a.replace)
         elif isinstance(a, NftChange) and a.script:
-            kinds["guard"] += 1
-    words = {"Tunnel": "tunnel", "Address": "address", "Route": "route", "RoutingRule": "rule", "chain": "chain",
-             "guard": "guard table"}  # fmt: skip
-    return ", ".join(f"{n} {words[k]}{'es' if k == 'Address' and n > 1 else 's' if n > 1 else ''}"
+            kinds["nftables table" if holds_snat(a.script) else "guard table"] += 1
+    words = {"Tunnel": "tunnel", "Address": "address", "Route": "route", "RoutingRule": "rule", "chain": "chain"}
+    return ", ".join(f"{n} {words.get(k, k)}{'es' if k == 'Address' and n > 1 else 's' if n > 1 else ''}"
                      for k, n in kinds.items())  # fmt: skip
 
 

@@ -36,9 +36,27 @@ class IptablesBackend(Protocol):
     def apply(self, change: FirewallChange) -> None: ...
 
 
+class NoIptables:
+    """The nftables backend: everything of ours is in our nftables table, no iptables chain."""
+
+    name = "nftables"
+    writes = 0
+
+    def normalize(self, chains: frozenset[Chain], jumps: tuple[Jump, ...]) -> tuple[frozenset[Chain], tuple[Jump, ...]]:
+        return chains, jumps
+
+    def observe(self) -> tuple[frozenset[Chain], tuple[Jump, ...]]:
+        return frozenset(), ()
+
+    def apply(self, change: FirewallChange) -> None:
+        raise RuntimeError(f"the nftables backend has no iptables chains to change: {change}")
+
+
 def make_iptables(backend: str) -> IptablesBackend:
     from .probe import iptables_variant
 
+    if backend == "nftables":
+        return NoIptables()
     if backend == "auto":
         backend = iptables_variant()
     if backend == "iptables-legacy":
