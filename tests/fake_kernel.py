@@ -129,6 +129,8 @@ class FakeKernel:
         if isinstance(action, ConntrackCleanup):
             self.cleanups.append(action)
         elif isinstance(action, FirewallChange):
+            if self.backend == "nftables":
+                raise RuntimeError(f"the nftables backend has no iptables chains to change: {action}")
             self.fw.apply(action)
         elif isinstance(action, NftChange):
             self.nft = action.script

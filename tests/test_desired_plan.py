@@ -62,6 +62,27 @@ def test_reserved_ports_are_carved_out_of_their_blocks():
     assert len(tcp) == 64 and "--every 64 " in tcp[0]
 
 
+def test_nftables_backend_puts_everything_in_our_table_with_one_snat_map_over_the_pool():
+    cfg = parse(PPPOE + '[snat]\nreserved_ports = ["1376-1391", "2400"]\n')
+    state = desired.build(cfg, OCN, {"ppp0"}, native=True)
+    assert not state.chains and not state.jumps and state.nft is not None
+    (snat,) = [line for line in state.nft.splitlines() if " snat ip to " in line]
+    entries = re.findall(r"(\d+) : 153\.240\.72\.209 \. (\d+)-(\d+)", snat)
+    pool = desired.pool_ranges(OCN, cfg.snat.reserved_ranges())
+    assert [(int(lo), int(hi)) for _, lo, hi in entries] == pool  # 62 blocks and 2401-2415, in order
+    assert [int(i) for i, _, _ in entries] == list(range(len(pool))) and f"numgen inc mod {len(pool)} " in snat
+    assert "priority srcnat - 1;" in state.nft  # before a catch-all masquerade at srcnat
+    # Marks keep the bits outside pppoe.mask; the connection's mark is copied only under a match.
+    assert "meta mark set meta mark and 0xffff0000 or 0x3e8" in state.nft
+    assert 'iifname "lan0" ct mark and 0xffff == 0x3e8 meta mark set' in state.nft
+    assert 'oifname "ppp0" masquerade' in state.nft and "chain tunnel-out" in state.nft
+    plan = diff(state, NOTHING)
+    assert [str(a) for a in plan.actions if isinstance(a, NftChange)] == ["+ nftables table ip mape (SNAT, guard)"]
+    assert not any(isinstance(a, FirewallChange) for a in plan.actions)
+    no_guard = desired.build(parse(PPPOE + "[firewall]\nguard = false\n"), OCN, native=True).nft
+    assert no_guard is not None and "tunnel-out" not in no_guard and " snat ip to " in no_guard
+
+
 def test_tunnel_addresses_and_default_route():
     state = desired.build(parse(BASE), OCN)
     assert state.tunnel == Tunnel("ip6tnl1", "2400:4050:1234:5600:99:f048:d100:1600", "2001:380:a120::9", "wan0",

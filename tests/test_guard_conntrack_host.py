@@ -1,6 +1,7 @@
-"""The guard table, our nftables adapter and the conntrack cleanups on this machine's own kernel,
-with real traffic through network namespaces (no tunnel needed: the guard matches the outgoing
-interface by name, so a veth named like the tunnel stands in for it).
+"""The guard table, the nftables backend's whole table, our nftables adapter and the conntrack
+cleanups on this machine's own kernel, with real traffic through network namespaces (no tunnel
+needed: our rules match the outgoing interface by name, so a veth named like the tunnel stands in
+for it).
 
     client (10.77.0.2) --c0/r0-- router (SNAT, guard) --tnl0/s0-- server (198.51.100.2)
 """
@@ -8,6 +9,7 @@ interface by name, so a veth named like the tunnel stands in for it).
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from ipaddress import IPv6Address
 
 import pytest
@@ -168,3 +170,75 @@ def test_sysctl_paths_take_interface_names_with_dots(topo):
                 nl.close()
     finally:
         sh(router, "ip", "link", "del", "br_lan-0.10", check=False)
+
+
+RANGES = desired.pool_ranges(P, ())
+PORTS = frozenset(p for lo, hi in P.port_ranges for p in range(lo, hi + 1))
+
+
+def native(cfg=CFG) -> str:
+    state = desired.build(cfg, P, native=True)
+    assert not state.chains and not state.jumps and state.nft is not None  # nothing in iptables
+    return state.nft
+
+
+def block_of(port: int) -> int:
+    return next(i for i, (lo, hi) in enumerate(RANGES) if lo <= port <= hi)
+
+
+def test_native_table_spreads_every_block_wins_over_a_masquerade_and_survives_iptables_flushes(topo):
+    client, router, _ = topo
+    sh(router, "conntrack", "-F", check=False)
+    # A user's catch-all MASQUERADE in iptables-nft at srcnat: our chain (srcnat - 1) binds first.
+    sh(router, "iptables-nft", "-t", "nat", "-A", "POSTROUTING", "-j", "MASQUERADE")
+    with inside(router):
+        t = NftTable()
+        t.replace(native())
+        listed = t.observe()
+        assert listed is not None and t.expected(native()) == listed  # the next sync compares equal
+    try:
+        answers = call(client, traffic.tcp_sequential, SERVER, 2 * len(RANGES))
+        assert all(a.split()[0] == str(P.ipv4) for a in answers), answers[:3]
+        # numgen inc over the map: 2N connections use each of the N blocks exactly twice.
+        assert Counter(block_of(int(a.split()[1])) for a in answers) == dict.fromkeys(range(len(RANGES)), 2)
+        udp = call(client, traffic.udp_query, SERVER)
+        assert udp.split()[0] == str(P.ipv4) and int(udp.split()[1]) in PORTS, udp
+        sh(client, "busybox", "ping", "-c", "2", "-W", "3", SERVER)
+        icmp = sh(router, "conntrack", "-L", "-p", "icmp", check=False)
+        assert f"dst={P.ipv4}" in icmp  # ICMP ids are mapped too (the guard would drop them otherwise)
+
+        # What firewalld and `iptables -F` do to the iptables tables does not reach our table.
+        sh(router, "iptables-nft", "-t", "nat", "-F")
+        sh(router, "iptables-nft", "-t", "mangle", "-F")
+        with inside(router):
+            assert t.observe() == listed
+        answer = call(client, traffic.tcp_sequential, SERVER, 1)[0]
+        assert answer.split()[0] == str(P.ipv4) and int(answer.split()[1]) in PORTS
+    finally:
+        sh(router, "iptables-nft", "-t", "nat", "-F")
+        with inside(router):
+            NftTable().replace(None)
+
+
+def test_native_table_without_its_snat_drops_in_the_guard_and_reserved_ports_are_never_used(topo):
+    client, router, _ = topo
+    with inside(router):
+        t = NftTable()
+        t.replace(native())
+        sh(router, "nft", "flush", "chain", "ip", "mape", desired.NAT_CHAIN)  # someone flushed our SNAT
+        assert t.expected(native()) != t.observe()  # the next sync sees it and replaces the table
+        assert call(client, traffic.tcp_sequential, SERVER, 1, 80, 2)[0].startswith("error")  # fails closed
+
+        lo, hi = P.port_ranges[0]
+        reserved = desired.build(CFG.model_copy(update={"snat": CFG.snat.model_copy(
+            update={"reserved_ports": (f"{lo}-{hi}",)})}), P, native=True).nft  # fmt: skip
+        assert reserved is not None
+        t.replace(reserved)
+    try:
+        answers = call(client, traffic.tcp_sequential, SERVER, 2 * (len(RANGES) - 1))
+        ports = [int(a.split()[1]) for a in answers]
+        assert all(p in PORTS and not lo <= p <= hi for p in ports), answers[:3]
+        assert len({block_of(p) for p in ports}) == len(RANGES) - 1
+    finally:
+        with inside(router):
+            NftTable().replace(None)

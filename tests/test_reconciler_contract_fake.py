@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from mape_daemon.state import Route, RoutingRule
@@ -17,9 +19,11 @@ from tests.reconciler_contract import (  # noqa: F401 - the shared contract, col
 
 
 class FakeWorld:
-    def __init__(self, state_dir):
-        self.state_dir = state_dir
+    def __init__(self, state_dir, backend: str):
+        self.state_dir, self.backend = state_dir, backend
         self.kernel = FakeKernel(("wan0", "lan0", "ppp0"))
+        if backend == "nftables":
+            self.kernel.backend = "nftables"
         self.kernel.slaac("2400:4050:1234:5600:5054:ff:fe12:3456")
 
     def damage(self, what: str) -> None:
@@ -31,6 +35,9 @@ class FakeWorld:
             k.tunnels["ip6tnl1"] = type(t)(**{**t.__dict__, "remote": "2001:db8::1"})
         elif what == "tunnel-down":
             k.link_down("ip6tnl1")
+        elif what == "snat-flushed" and self.backend == "nftables":
+            assert k.nft is not None
+            k.nft = re.sub(r"\t\t.* snat ip to .*\n", "", k.nft)
         elif what == "snat-flushed":
             k.fw.iptables("-t", "nat", "-F", "MAPE-SNAT")
         elif what == "guard-deleted":
@@ -69,6 +76,6 @@ class FakeWorld:
         return left
 
 
-@pytest.fixture
-def world(tmp_path):
-    return FakeWorld(tmp_path / "state")
+@pytest.fixture(params=["auto", "nftables"])
+def world(tmp_path, request):
+    return FakeWorld(tmp_path / "state", request.param)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from collections import Counter
 
+import pytest
+
 from tests.kernel.conftest import running_lab
 from tests.lab import traffic
 from tests.lab.mapping import V6PLUS
@@ -51,10 +53,12 @@ def block_of(ce, port: int) -> int:
     return next(i for i, (lo, hi) in enumerate(ce.port_ranges()) if lo <= port <= hi)
 
 
-def test_ocn_every_block_used_evenly_all_ports_in_set_ping_and_noop(lab, tmp_path):
+@pytest.mark.parametrize("backend", ["auto", "nftables"])
+def test_ocn_every_block_used_evenly_all_ports_in_set_ping_and_noop(lab, tmp_path, backend):
     ce = lab.ce_params()
     chain = lab.br_add_ce(ce)
-    out = apply_once(lab, tmp_path)
+    config = CONFIG + f'[firewall]\nbackend = "{backend}"\n'
+    out = apply_once(lab, tmp_path, config)
     assert f"{ce.ipv4} psid {ce.psid}, 1008 ports" in out
 
     n = len(ce.port_ranges())
@@ -74,24 +78,37 @@ def test_ocn_every_block_used_evenly_all_ports_in_set_ping_and_noop(lab, tmp_pat
     # Without ppp0, a protocol without ports (GRE) is marked for PPPoE and fails closed at the
     # unreachable route in table 10: it never reaches the tunnel.
     call(lab.lan, traffic.raw_send, SERVER, 47, 3)
-    assert packets(lab, "mangle", "MAPE-PBR-OTHER", "MARK") == 3
-    assert packets(lab, "filter", "MAPE-FWD", "DROP") == 0
+    if backend == "nftables":
+        assert "MAPE-" not in sh(lab.ce, "iptables-save")  # everything is in our table
+        assert nft_counter(lab, "pbr", "meta l4proto !=") == 3
+        assert nft_counter(lab, "fwd-out", "drop") == 0
+    else:
+        assert packets(lab, "mangle", "MAPE-PBR-OTHER", "MARK") == 3
+        assert packets(lab, "filter", "MAPE-FWD", "DROP") == 0
 
-    assert "0 change(s), 0 kernel write(s)" in apply_once(lab, tmp_path)
-    assert "nothing to change" in mape(lab, tmp_path, "plan")
+    assert "0 change(s), 0 kernel write(s)" in apply_once(lab, tmp_path, config)
+    assert "nothing to change" in mape(lab, tmp_path, "plan", text=config)
 
-    mape(lab, tmp_path, "cleanup")
+    mape(lab, tmp_path, "cleanup", text=config)
+    assert "table ip mape" not in sh(lab.ce, "nft", "list", "tables")
     assert "MAPE-" not in sh(lab.ce, "iptables-save")
     assert "ip6tnl1" not in sh(lab.ce, "ip", "link")
     assert sh(lab.ce, "ip", "route", "show", "table", "all", "proto", "203") == ""
     assert ce.ce_draft03 not in sh(lab.ce, "ip", "-6", "addr")
 
 
-def test_v6plus_240_concurrent_connections_to_one_server_port(tmp_path, request):
+def nft_counter(lab, chain: str, rule: str) -> int:
+    """Packets counted by the rule of our table's `chain` that contains `rule`."""
+    (line,) = [x for x in sh(lab.ce, "nft", "list", "chain", "ip", "mape", chain).splitlines() if rule in x]
+    return int(line.split("counter packets ")[1].split()[0])
+
+
+@pytest.mark.parametrize("backend", ["auto", "nftables"])
+def test_v6plus_240_concurrent_connections_to_one_server_port(tmp_path, request, backend):
     with running_lab(tmp_path, request, rule=V6PLUS, wan_prefix="240b:10:1234:5600::/64") as lab:
         ce = lab.ce_params()
         chain = lab.br_add_ce(ce)
-        out = apply_once(lab, tmp_path, '[wan]\ninterface = "wan0"\n')
+        out = apply_once(lab, tmp_path, f'[wan]\ninterface = "wan0"\n[firewall]\nbackend = "{backend}"\n')
         assert f"{ce.ipv4} psid {ce.psid}, 240 ports" in out
         answers = call(lab.lan, traffic.tcp_concurrent, SERVER, 240)
         failed = [a for a in answers if a.startswith("error")]
@@ -101,7 +118,8 @@ def test_v6plus_240_concurrent_connections_to_one_server_port(tmp_path, request)
         assert lab.br_dropped(chain) == 0
 
 
-def test_pppoe_side_by_side(lab, tmp_path):
+@pytest.mark.parametrize("backend", ["auto", "nftables"])
+def test_pppoe_side_by_side(lab, tmp_path, backend):
     ce = lab.ce_params()
     lab.br_add_ce(ce)
     lab.start_pppoe()
@@ -110,7 +128,7 @@ def test_pppoe_side_by_side(lab, tmp_path):
     sh(lab.ce, "iptables", "-t", "nat", "-A", "PREROUTING", "-i", "ppp0", "-p", "tcp", "--dport", "8080",
        "-j", "DNAT", "--to-destination", f"{LAN_SERVER}:8080")  # fmt: skip
     lab.pids.append(spawn(lab.lan, traffic.serve, str(tmp_path / "lan-server.jsonl"), LAN_SERVER, 8080))
-    apply_once(lab, tmp_path)
+    apply_once(lab, tmp_path, CONFIG + f'[firewall]\nbackend = "{backend}"\n')
 
     # Reached on the PPPoE address, the LAN server answers via ppp0 (via the tunnel, SNATed, the
     # reply would not match the connection and the client would get nothing).
@@ -122,8 +140,12 @@ def test_pppoe_side_by_side(lab, tmp_path):
     assert call(lab.lan, traffic.tcp_sequential, SERVER, 1)[0].split()[0] == ce.ipv4
     # A protocol without ports (GRE here) is marked for PPPoE and never reaches the tunnel.
     call(lab.lan, traffic.raw_send, SERVER, 47, 3)
-    assert packets(lab, "mangle", "MAPE-PBR-OTHER", "MARK") >= 3
-    assert packets(lab, "filter", "MAPE-FWD", "DROP") == 0
+    if backend == "nftables":
+        assert nft_counter(lab, "pbr", "meta l4proto !=") >= 3
+        assert nft_counter(lab, "fwd-out", "drop") == 0
+    else:
+        assert packets(lab, "mangle", "MAPE-PBR-OTHER", "MARK") >= 3
+        assert packets(lab, "filter", "MAPE-FWD", "DROP") == 0
 
 
 def packets(lab, table: str, chain: str, target: str) -> int:

@@ -24,6 +24,7 @@ def run(*cmd: str) -> str:
 
 class RealWorld:
     def __init__(self, backend: str, state_dir):
+        self.backend = backend
         self.binary = "iptables-legacy" if backend == "iptables-legacy" else "iptables-nft"
         self.kernel = LinuxKernel(make_iptables(backend))
         self.state_dir = state_dir
@@ -35,6 +36,8 @@ class RealWorld:
             run("ip", "-6", "tunnel", "change", "ip6tnl1", "mode", "ipip6", "remote", "2001:db8::1")
         elif what == "tunnel-down":
             run("ip", "link", "set", "ip6tnl1", "down")
+        elif what == "snat-flushed" and self.backend == "nftables":
+            run("nft", "flush", "chain", "ip", "mape", "nat-out")
         elif what == "snat-flushed":
             run(self.binary, "-t", "nat", "-F", "MAPE-SNAT")
         elif what == "guard-deleted":
@@ -81,11 +84,11 @@ class RealWorld:
         return left
 
 
-@pytest.fixture
-def world(lab, tmp_path):
+@pytest.fixture(params=["auto", "nftables"])
+def world(lab, tmp_path, request):
     lab.br_add_ce(lab.ce_params())
     with inside(lab.ce):
-        yield RealWorld("auto", tmp_path / "state")
+        yield RealWorld(request.param, tmp_path / "state")
 
 
 def test_legacy_backend_converges_then_noops(lab, tmp_path):
