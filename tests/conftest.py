@@ -62,10 +62,13 @@ def needs_systemd(item) -> bool:
     return "systemd" in item.path.relative_to(ROOT).parts
 
 
+def pytest_itemcollected(item):
+    if "kernel" in item.path.relative_to(ROOT).parts:
+        item.add_marker(pytest.mark.kernel)
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: a VM boots only for the tests selected
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "kernel" in item.path.relative_to(ROOT).parts:
-            item.add_marker(pytest.mark.kernel)
     if INSIDE_LAB:
         return
     # Service tests install a package and drive systemd: always in a VM with systemd as PID 1.
