@@ -78,7 +78,8 @@ def converge_rows(lab: Lab) -> list[dict]:
     sh(lab.ce, "ip", "link", "set", "ppp0", "up")
     rows = []
     with inside(lab.ce):
-        r = Reconciler(parse(CONFIG), LinuxKernel(make_iptables("auto")), RecordFile(lab.dir / "state"))
+        # The iptables-nft backend, against its floor (rows for the nftables backend: issue 12).
+        r = Reconciler(parse(CONFIG), LinuxKernel(make_iptables("iptables-nft")), RecordFile(lab.dir / "state"))
         with r.kernel.session():
             computed = r.compute()
         desired, plan = computed.desired, computed.plan

@@ -132,8 +132,8 @@ def make_reconciler(config: Config | None, records):
     from .kernel import LinuxKernel, make_iptables
     from .reconciler import Reconciler
 
-    backend = config.firewall.backend if config else (records.record.backend or "auto")
-    return Reconciler(config, LinuxKernel(make_iptables(backend)), records)
+    backend = config.firewall.backend if config else "auto"
+    return Reconciler(config, LinuxKernel(make_iptables(backend, records.record.backend)), records)
 
 
 def describe_selection(result_or_computed) -> str:

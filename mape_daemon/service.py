@@ -435,9 +435,10 @@ def main(config_path: str) -> int:
     for w in config.warnings():
         log.warning("%s", w, extra={"MAPE_EVENT": "config"})
 
-    def make_kernel(cfg: Config) -> LinuxKernel:
-        return LinuxKernel(make_iptables(cfg.firewall.backend))
-
     with exclusive(STATE_DIR, "running a second daemon"):
         records = RecordFile(STATE_DIR)
+
+        def make_kernel(cfg: Config) -> LinuxKernel:
+            return LinuxKernel(make_iptables(cfg.firewall.backend, records.record.backend))
+
         return asyncio.run(Service(config_path, config, records, make_kernel).run())

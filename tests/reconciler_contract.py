@@ -21,7 +21,7 @@ CE = "2400:4050:1234:5600:99:f048:d100:1600"
 class World(Protocol):
     kernel: KernelPort
     state_dir: Path
-    backend: str  # the config's firewall.backend: auto, or nftables (everything in our table)
+    backend: str  # the config's firewall.backend: iptables-nft or auto (chains), nftables (our table only)
 
     def damage(self, what: str) -> None: ...
     def add_foreign(self) -> None: ...

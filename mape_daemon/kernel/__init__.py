@@ -52,13 +52,15 @@ class NoIptables:
         raise RuntimeError(f"the nftables backend has no iptables chains to change: {change}")
 
 
-def make_iptables(backend: str) -> IptablesBackend:
-    from .probe import iptables_variant
+def make_iptables(backend: str, recorded: str | None = None) -> IptablesBackend:
+    """`auto` keeps the backend our state already lives in (`recorded`: an upgrade never moves
+    it behind the user's back; `cleanup` does), else picks one for this host."""
+    if backend == "auto":
+        from .probe import auto_backend
 
+        backend = recorded or auto_backend()
     if backend == "nftables":
         return NoIptables()
-    if backend == "auto":
-        backend = iptables_variant()
     if backend == "iptables-legacy":
         from .netfilter_iptc import IptcFirewall
 

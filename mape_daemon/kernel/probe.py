@@ -1,17 +1,16 @@
-"""What this host can do: which iptables it runs."""
+"""What this host can do: which netfilter backend `auto` means here."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 
-from ..errors import CannotRunHere
 
-
-def iptables_variant() -> str:
-    """'iptables-legacy' or 'iptables-nft', from what `iptables -V` says."""
+def auto_backend() -> str:
+    """'iptables-legacy' where `iptables -V` says legacy (nf_tables rules beside legacy ones would
+    be a second firewall nobody looks at); otherwise, nf_tables hosts and hosts without iptables,
+    'nftables'."""
     exe = shutil.which("iptables")
-    if not exe:
-        raise CannotRunHere("iptables is not installed (Debian package iptables); firewall.backend needs it")
-    out = subprocess.run([exe, "-V"], capture_output=True, text=True).stdout
-    return "iptables-legacy" if "legacy" in out else "iptables-nft"
+    if exe and "legacy" in subprocess.run([exe, "-V"], capture_output=True, text=True).stdout:
+        return "iptables-legacy"
+    return "nftables"

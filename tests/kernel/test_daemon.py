@@ -13,7 +13,9 @@ from tests.lab import traffic
 from tests.lab.netns import call, popen, sh, spawn
 from tests.lab.topo import SERVER, wait_for
 
-CONFIG = '[wan]\ninterface = "wan0"\n[daemon]\nsync_interval = 5\n'
+# The iptables-nft backend: these tests flush and count MAPE-* chains (the nftables backend has
+# its own daemon test, test_daemon_nftables.py).
+CONFIG = '[wan]\ninterface = "wan0"\n[daemon]\nsync_interval = 5\n[firewall]\nbackend = "iptables-nft"\n'
 
 
 def tunnel_local(lab, name: str = "ip6tnl1") -> str | None:

@@ -53,7 +53,7 @@ def block_of(ce, port: int) -> int:
     return next(i for i, (lo, hi) in enumerate(ce.port_ranges()) if lo <= port <= hi)
 
 
-@pytest.mark.parametrize("backend", ["auto", "nftables"])
+@pytest.mark.parametrize("backend", ["iptables-nft", "nftables"])
 def test_ocn_every_block_used_evenly_all_ports_in_set_ping_and_noop(lab, tmp_path, backend):
     ce = lab.ce_params()
     chain = lab.br_add_ce(ce)
@@ -103,7 +103,7 @@ def nft_counter(lab, chain: str, rule: str) -> int:
     return int(line.split("counter packets ")[1].split()[0])
 
 
-@pytest.mark.parametrize("backend", ["auto", "nftables"])
+@pytest.mark.parametrize("backend", ["iptables-nft", "nftables"])
 def test_v6plus_240_concurrent_connections_to_one_server_port(tmp_path, request, backend):
     with running_lab(tmp_path, request, rule=V6PLUS, wan_prefix="240b:10:1234:5600::/64") as lab:
         ce = lab.ce_params()
@@ -118,7 +118,7 @@ def test_v6plus_240_concurrent_connections_to_one_server_port(tmp_path, request,
         assert lab.br_dropped(chain) == 0
 
 
-@pytest.mark.parametrize("backend", ["auto", "nftables"])
+@pytest.mark.parametrize("backend", ["iptables-nft", "nftables"])
 def test_pppoe_side_by_side(lab, tmp_path, backend):
     ce = lab.ce_params()
     lab.br_add_ce(ce)

@@ -17,6 +17,7 @@ from tests.lab.topo import SERVER, wait_for
 
 CONFIG = '[wan]\ninterface = "wan0"\n[lan]\ninterfaces = ["lan0"]\n[daemon]\nsync_interval = 3600\n'
 BOUND = CONFIG + '[firewalld]\nzone = "mape"\n'
+IPTABLES_NFT = '[firewall]\nbackend = "iptables-nft"\n'  # the backend whose chains firewalld flushes
 
 
 def snat_back(lab, ipv4: str, iptables: str = "iptables-nft") -> bool:
@@ -38,7 +39,7 @@ def test_firewalld_nftables_reload_restart_direct_rule_and_nft_flush(lab, tmp_pa
     ce = lab.ce_params()
     chain = lab.br_add_ce(ce)
     fw = Firewalld(lab.ce, tmp_path).start()
-    d = Daemon(lab, tmp_path, BOUND, fw.env).start()
+    d = Daemon(lab, tmp_path, BOUND + IPTABLES_NFT, fw.env).start()
     try:
         wait_for(lambda: d.synced_by_me() and fw.zone_of("ip6tnl1") == "mape", 180, "converged, in zone mape")
         checks.data_path(lab, ce, chain)
@@ -78,6 +79,30 @@ def test_firewalld_nftables_reload_restart_direct_rule_and_nft_flush(lab, tmp_pa
     assert rc == 0, d.text()
 
 
+def test_firewalld_reloads_and_restarts_leave_the_nftables_backend_alone(lab, tmp_path):
+    """With `auto` (the nftables backend here) firewalld's flushes of the iptables tables find
+    nothing of ours: a reload and a restart remove nothing, and nothing needs repairing."""
+    ce = lab.ce_params()
+    chain = lab.br_add_ce(ce)
+    fw = Firewalld(lab.ce, tmp_path).start()
+    d = Daemon(lab, tmp_path, BOUND, fw.env).start()
+    try:
+        wait_for(lambda: d.synced_by_me() and fw.zone_of("ip6tnl1") == "mape", 180, "converged, in zone mape")
+        assert "MAPE-" not in sh(lab.ce, "iptables-save")
+        table = sh(lab.ce, "nft", "-s", "list", "table", "ip", "mape")
+        checks.data_path(lab, ce, chain)
+        for action in (fw.reload, fw.restart):
+            action()
+            wait_for(lambda: fw.zone_of("ip6tnl1") == "mape", 30, "the zone binding again")
+            checks.data_path(lab, ce, chain)
+        assert sh(lab.ce, "nft", "-s", "list", "table", "ip", "mape") == table
+        assert "it was missing" not in d.text() and "differed" not in d.text(), d.text()
+    finally:
+        rc = d.stop()
+        fw.close()
+    assert rc == 0, d.text()
+
+
 def test_firewalld_zone_problems_are_said_once_with_the_commands(lab, tmp_path):
     """F5: the tunnel in no zone is rejected by firewalld (ICMP admin-prohibited) and the daemon
     says so once, with the commands; they work and survive a reload. F6: in a masquerading zone,
@@ -86,7 +111,7 @@ def test_firewalld_zone_problems_are_said_once_with_the_commands(lab, tmp_path):
     ce = lab.ce_params()
     chain = lab.br_add_ce(ce)
     fw = Firewalld(lab.ce, tmp_path).start()
-    d = Daemon(lab, tmp_path, CONFIG, fw.env).start()
+    d = Daemon(lab, tmp_path, CONFIG + IPTABLES_NFT, fw.env).start()
     try:
         wait_for(lambda: d.synced_by_me() and "in no firewalld zone" in d.text(), 180, "the warning")
         assert call(lab.lan, traffic.tcp_sequential, SERVER, 1, 80, 3)[0].startswith("error")  # rejected

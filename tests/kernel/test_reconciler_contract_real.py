@@ -84,7 +84,7 @@ class RealWorld:
         return left
 
 
-@pytest.fixture(params=["auto", "nftables"])
+@pytest.fixture(params=["iptables-nft", "nftables"])
 def world(lab, tmp_path, request):
     lab.br_add_ce(lab.ce_params())
     with inside(lab.ce):

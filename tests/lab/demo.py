@@ -53,22 +53,21 @@ def main() -> int:
             env = {**os.environ, "MAPE_STATE_DIR": f"{tmp}/run"}
             step(f"starting the daemon: mape-daemon run (config: {CONFIG.strip()!r})")
             daemon = popen(lab.ce, sys.executable, "-m", "mape_daemon", "run", "-c", str(cfg), env=env)
-            wait_for(lambda: first.ipv4 in sh(lab.ce, "iptables-save", "-t", "nat"), 120, "the first sync")
+            wait_for(lambda: first.ipv4 in snat(lab), 120, "the first sync")
             mape(lab, "status", "-c", str(cfg), env=env)
             clients(lab)
 
             step("someone deletes the tunnel and flushes our SNAT chain: the daemon repairs both")
-            print("router# ip link del ip6tnl1; iptables -t nat -F MAPE-SNAT-TCP", flush=True)
+            print("router# ip link del ip6tnl1; nft flush chain ip mape nat-out", flush=True)
             sh(lab.ce, "ip", "link", "del", "ip6tnl1")
-            sh(lab.ce, "iptables", "-t", "nat", "-F", "MAPE-SNAT-TCP")
-            wait_for(lambda: f"{first.ipv4}:" in sh(lab.ce, "iptables", "-t", "nat", "-S", "MAPE-SNAT-TCP")
-                     and "ip6tnl1" in sh(lab.ce, "ip", "link"), 120, "the repair")  # fmt: skip
+            sh(lab.ce, "nft", "flush", "chain", "ip", "mape", "nat-out")
+            wait_for(lambda: first.ipv4 in snat(lab) and "ip6tnl1" in sh(lab.ce, "ip", "link"), 120, "the repair")
 
             step("the ISP renumbers: a new prefix is announced, the old one deprecated")
             lab.renumber("2400:4050:1234:9a00::/64")
             second = lab.ce_params()
             lab.br_add_ce(second)
-            wait_for(lambda: f"{second.ipv4}:" in sh(lab.ce, "iptables-save", "-t", "nat"), 120, "re-convergence")
+            wait_for(lambda: second.ipv4 in snat(lab), 120, "re-convergence")
             wait_for(lambda: second.ipv4 in (Path(tmp) / "run" / "state.json").read_text(), 30, "the state file")
             mape(lab, "status", "-c", str(cfg), env=env)
             clients(lab)
@@ -78,12 +77,18 @@ def main() -> int:
             daemon.wait(60)
             daemon = None
             print(f"ip6tnl1 left: {'ip6tnl1' in sh(lab.ce, 'ip', 'link')}; "
-                  f"MAPE chains left: {'MAPE-' in sh(lab.ce, 'iptables-save')}")  # fmt: skip
+                  f"table ip mape left: {'mape' in sh(lab.ce, 'nft', 'list', 'tables')}")  # fmt: skip
         finally:
             if daemon is not None:
                 daemon.kill()
             lab.down()
     return 0
+
+
+def snat(lab: Lab) -> str:
+    """Our SNAT rule (the nftables backend, which `auto` picks in the lab), or "" while it is missing."""
+    out = sh(lab.ce, "nft", "list", "chain", "ip", "mape", "nat-out", check=False)
+    return next((line for line in out.splitlines() if " snat ip to " in line), "")
 
 
 def clients(lab: Lab) -> None:
