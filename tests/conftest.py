@@ -170,7 +170,7 @@ class LabRun:
         mode = "with systemd as PID 1" if self.systemd else f"(this kernel: {host_kernel_lacks()})"
         echo(f"booting the lab VM for {len(self.nodeids)} kernel test(s) {mode}\n")
         try:
-            result = vm.run(cmd, timeout=1500, echo=echo, env={"MAPE_LAB_REPORT": str(report)}, systemd=self.systemd,
+            result = vm.run(cmd, timeout=2400, echo=echo, env={"MAPE_LAB_REPORT": str(report)}, systemd=self.systemd,
                             cpus=1)  # two boots at a time on two cores  # fmt: skip
         except vm.LabError as e:
             self.error = f"the lab VM could not start: {e}"
