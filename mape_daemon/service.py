@@ -333,9 +333,11 @@ class Service:
 
     def on_nftables(self, generation: int, pid: int | None) -> None:
         """A committed nf_tables transaction: news unless this process or one of its iptables-restore
-        children made it (kernels that do not name the process: newer than our last sync's)."""
+        children made it (kernels that do not name the process: newer than our last sync's). The
+        kernel names the committing thread, and our syncs commit from a worker thread."""
         if pid is not None:
-            ours = pid == os.getpid() or pid in getattr(self.reconciler.kernel.fw, "writers", ())
+            ours = (pid == os.getpid() or os.path.exists(f"/proc/self/task/{pid}")
+                    or pid in getattr(self.reconciler.kernel.fw, "writers", ()))  # fmt: skip
         else:
             ours = self.own_generation is not None and generation <= self.own_generation
         if not ours:

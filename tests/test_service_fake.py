@@ -100,3 +100,27 @@ def test_the_journal_names_each_repair_and_its_cause(svc, caplog):
     caplog.clear()
     assert sync(svc, "periodic") and caplog.records == []  # quiet when nothing changed
     assert svc.repairs == {"event": 1}  # one repair sync, set off by an event
+
+
+def test_an_nftables_commit_by_one_of_our_threads_is_no_news_and_another_process_s_is(svc):
+    """Before: our syncs commit our table from a worker thread, the kernel names that thread, and
+    each of our own commits came back as news: an extra sync, and a wrong trigger on the next."""
+    import os
+    import threading
+
+    tid: list[int] = []
+    hold = threading.Event()
+    worker = threading.Thread(target=lambda: (tid.append(threading.get_native_id()), hold.wait(10)))
+    worker.start()
+    try:
+        while not tid:
+            threading.Event().wait(0.01)
+        assert tid[0] != os.getpid()
+        svc.on_nftables(7, tid[0])
+        svc.on_nftables(8, os.getpid())
+        assert "nftables" not in svc.runner.schedule.causes
+        svc.on_nftables(9, 1)  # init (or any other process) committed
+        assert "nftables" in svc.runner.schedule.causes
+    finally:
+        hold.set()
+        worker.join()
