@@ -1,3 +1,5 @@
-"""mape-daemon: IPv4 over IPv6 by MAP-E (RFC 7597) for Linux routers, kept converged."""
+"""mape-daemon: MAP-E (RFC 7597) for a Linux router."""
 
-__version__ = "0.1.0"
+from ._pyroute2 import register_light
+
+register_light()  # before any module of ours imports pyroute2

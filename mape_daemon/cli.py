@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 from ipaddress import IPv4Network, IPv6Address, IPv6Network
 
-from . import rules
+from . import maprules
 from .config import DEFAULT_PATH, Config, ConfigError, load
 from .errors import CannotRunHere, MapeError
-from .mapcalc import IidLayout, MapError, MapParams, Rule, compute
+from .mapcalc import IidLayout, MapParams, MappingError, MapRule, compute
 
 EXIT_FAILURE = 1  # the kernel refused or something else went wrong at run time
 EXIT_USAGE = 2  # argparse's own code for bad arguments; also bad input to calc
@@ -31,13 +31,13 @@ def parse_wan(text: str) -> IPv6Network | IPv6Address:
         raise UsageError(f"{text!r} is not an IPv6 address or prefix: {e}") from None
 
 
-def parse_rule(text: str, layout: IidLayout, psid_len: int | None) -> Rule:
+def parse_rule(text: str, layout: IidLayout, psid_len: int | None) -> MapRule:
     """IPV6PREFIX,IPV4PREFIX,EALEN,OFFSET[,BR] as given to --rule."""
     parts = [p.strip() for p in text.split(",")]
     if len(parts) not in (4, 5):
         raise UsageError(f"--rule {text!r}: expected IPV6PREFIX,IPV4PREFIX,EALEN,OFFSET[,BR]")
     try:
-        return Rule(
+        return MapRule(
             ipv6_prefix=IPv6Network(parts[0]),
             ipv4_prefix=IPv4Network(parts[1]),
             ea_len=int(parts[2]),
@@ -46,7 +46,7 @@ def parse_rule(text: str, layout: IidLayout, psid_len: int | None) -> Rule:
             br=IPv6Address(parts[4]) if len(parts) == 5 else None,
             iid=layout,
         )
-    except ValueError as e:  # MapError included
+    except ValueError as e:  # MappingError included
         raise UsageError(f"--rule {text!r}: {e}") from None
 
 
@@ -84,7 +84,7 @@ def compact_ranges(ranges: Sequence[tuple[int, int]], head: int = 3) -> str:
 
 def params_to_text(p: MapParams) -> str:
     r = p.rule
-    isp = rules.ISP_NAMES.get(r.isp or "", r.isp or "explicit rule")
+    isp = maprules.ISP_NAMES.get(r.isp or "", r.isp or "explicit rule")
     size = p.port_ranges[0][1] - p.port_ranges[0][0] + 1
     lines = [
         f"ISP:          {isp}",
@@ -98,7 +98,7 @@ def params_to_text(p: MapParams) -> str:
         f"ports:        {p.ports} in {len(p.port_ranges)} block(s) of {size}",
         f"blocks:       {compact_ranges(p.port_ranges)}",
     ]
-    if r.isp in rules.UNVERIFIED:
+    if r.isp in maprules.UNVERIFIED:
         lines.append(f"warning:      the {r.isp} rules are unverified")
     return "\n".join(lines)
 
@@ -116,7 +116,7 @@ def cmd_calc(args: argparse.Namespace) -> int:
         rule = isp.rule_table().match(wan, isp.isp_filter)
         psid = isp.psid if psid is None else psid
     else:
-        rule = rules.bundled().match(wan, None if args.isp == "auto" else args.isp)
+        rule = maprules.bundled().match(wan, None if args.isp == "auto" else args.isp)
     params = compute(rule, wan, psid=psid, layout=layout_override)
     print(json.dumps(params_to_json(params)) if args.json else params_to_text(params))
     return 0
@@ -129,11 +129,11 @@ def state_dir():
 
 
 def make_reconciler(config: Config | None, records):
-    from .kernel import LinuxKernel, make_iptables
+    from .kernel import LinuxKernel, make_chains
     from .reconciler import Reconciler
 
     backend = config.firewall.backend if config else "auto"
-    return Reconciler(config, LinuxKernel(make_iptables(backend, records.record.backend)), records)
+    return Reconciler(config, LinuxKernel(make_chains(backend, records.record.backend)), records)
 
 
 def describe_selection(result_or_computed) -> str:
@@ -141,7 +141,7 @@ def describe_selection(result_or_computed) -> str:
     if sel.params is None:
         return f"no MAP-E parameters: {sel.reason}"
     p = sel.params
-    isp = rules.ISP_NAMES.get(p.rule.isp or "", "explicit rule")
+    isp = maprules.ISP_NAMES.get(p.rule.isp or "", "explicit rule")
     src = sel.source.address if sel.source else "the held prefix"
     return f"{isp}: {p.ipv4} psid {p.psid}, {p.ports} ports, CE {p.ce_ipv6} (from {src})"
 
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     calc = command("calc", "compute MAP-E parameters for a WAN prefix or address", cmd_calc, config=None)
     calc.add_argument("prefix", metavar="PREFIX_OR_ADDRESS", help="e.g. 2400:4050:1234:5600::/56 or an address")
-    calc.add_argument("--isp", default="auto", choices=["auto", *rules.ISP_NAMES], help="bundled rule table to use")
+    calc.add_argument("--isp", default="auto", choices=["auto", *maprules.ISP_NAMES], help="bundled rule table to use")
     calc.add_argument("--rule", help="explicit rule IPV6PREFIX,IPV4PREFIX,EALEN,OFFSET[,BR]")
     calc.add_argument("--psid-len", type=int, help="PSID length when --rule's EA bits carry no PSID")
     calc.add_argument("--psid", type=int, help="provisioned PSID when the EA bits carry none")
@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mape-daemon {args.command}: bad config: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except (UsageError, MapError) as e:
+    except (UsageError, MappingError) as e:
         print(f"mape-daemon {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except CannotRunHere as e:

@@ -13,8 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from . import rules
-from .mapcalc import IidLayout, MapError, Rule
+from . import maprules
+from .mapcalc import IidLayout, MappingError, MapRule
 
 DEFAULT_PATH = Path("/etc/mape-daemon/mape.toml")
 IFNAMSIZ = 16  # the kernel's limit, with the terminating NUL
@@ -61,8 +61,8 @@ class ExplicitRule(Model):
     br: IPv6Address
     iid: IidLayout = IidLayout.DRAFT03
 
-    def to_rule(self) -> Rule:
-        return Rule(
+    def to_rule(self) -> MapRule:
+        return MapRule(
             self.ipv6_prefix, self.ipv4_prefix, self.ea_len, self.psid_offset, self.psid_len, self.br, None, self.iid
         )
 
@@ -81,15 +81,15 @@ class IspConfig(Model):
         if self.rule is not None:
             try:
                 self.rule.to_rule()
-            except MapError as e:
+            except MappingError as e:
                 raise key_error("rule", str(e)) from None
         return self
 
-    def rule_table(self) -> rules.RuleTable:
+    def rule_table(self) -> maprules.RuleTable:
         """The rules this config may map a WAN prefix with."""
         if self.rule is not None:
-            return rules.RuleTable((self.rule.to_rule(),))
-        return rules.bundled()
+            return maprules.RuleTable((self.rule.to_rule(),))
+        return maprules.bundled()
 
     @property
     def isp_filter(self) -> str | None:
@@ -206,7 +206,9 @@ class PppoeConfig(Model):
 
 class DaemonConfig(Model):
     on_stop: Literal["remove", "keep"] = "remove"
-    sync_interval: float = Field(default=60, ge=1, le=86400, description="periodic full sync, seconds")
+    # Unset: 900 s where our netfilter state announces its changes (nftables, iptables-nft), 60 s
+    # on iptables-legacy, whose `iptables -F` only a full sync finds (see service.full_check_period).
+    sync_interval: float | None = Field(default=None, ge=1, le=86400, description="periodic full sync, seconds")
     hold_down: float = Field(default=10, ge=0, le=3600, description="seconds a lost WAN prefix is waited for")
 
 

@@ -12,7 +12,7 @@ from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 
-class MapError(ValueError):
+class MappingError(ValueError):
     """An impossible rule or a prefix the rule cannot map; the message names the problem."""
 
 
@@ -24,7 +24,7 @@ class IidLayout(StrEnum):
 
 
 @dataclass(frozen=True)
-class Rule:
+class MapRule:
     """A Basic Mapping Rule.
 
     `psid_len` is None when it follows from the EA bits (the usual case); it is given when the
@@ -43,23 +43,23 @@ class Rule:
     def __post_init__(self) -> None:
         r6, r4, o, a = self.ipv6_prefix.prefixlen, self.ipv4_prefix.prefixlen, self.ea_len, self.psid_offset
         if not 0 <= a <= 15:
-            raise MapError(f"PSID offset {a} is outside 0..15")
+            raise MappingError(f"PSID offset {a} is outside 0..15")
         if o < 0:
-            raise MapError(f"EA-bits length {o} is negative")
+            raise MappingError(f"EA-bits length {o} is negative")
         if r6 + o > 128:
-            raise MapError(f"rule prefix /{r6} plus EA length {o} is longer than 128 bits")
+            raise MappingError(f"rule prefix /{r6} plus EA length {o} is longer than 128 bits")
         if r4 + o < 32:
-            raise MapError(
+            raise MappingError(
                 f"rule IPv4 prefix /{r4} with EA length {o} gives an IPv4 prefix, not an address "
                 "(IPv4 prefix delegation is not supported)"
             )
         k = self.k
         if k > 16:
-            raise MapError(f"PSID length {k} is longer than 16 bits")
+            raise MappingError(f"PSID length {k} is longer than 16 bits")
         if a + k > 16:
-            raise MapError(f"PSID offset {a} + PSID length {k} is more than 16 bits")
+            raise MappingError(f"PSID offset {a} + PSID length {k} is more than 16 bits")
         if self.psid_len is not None and self.ea_psid_bits and self.psid_len != self.ea_psid_bits:
-            raise MapError(
+            raise MappingError(
                 f"PSID length {self.psid_len} contradicts the rule: EA length {o} minus "
                 f"IPv4 suffix {32 - r4} bits gives {self.ea_psid_bits}"
             )
@@ -83,7 +83,7 @@ class Rule:
 class MapParams:
     """What a rule and an end-user prefix give the CE."""
 
-    rule: Rule
+    rule: MapRule
     end_user_prefix: IPv6Network
     ipv4: IPv4Address
     psid: int
@@ -127,14 +127,14 @@ def psid_of_port(port: int, psid_len: int, offset: int) -> int:
     return (port >> m) & ((1 << psid_len) - 1)
 
 
-def end_user_prefix(rule: Rule, prefix: IPv6Network | IPv6Address) -> IPv6Network:
+def end_user_prefix(rule: MapRule, prefix: IPv6Network | IPv6Address) -> IPv6Network:
     """The end-user prefix (length r6 + o) that `prefix` lies in; error if it cannot be known."""
     net = IPv6Network(prefix) if isinstance(prefix, IPv6Address) else prefix
     n = rule.end_user_len
     if not net.subnet_of(rule.ipv6_prefix):
-        raise MapError(f"{net} is not inside the rule prefix {rule.ipv6_prefix}")
+        raise MappingError(f"{net} is not inside the rule prefix {rule.ipv6_prefix}")
     if net.prefixlen < n:
-        raise MapError(
+        raise MappingError(
             f"{net} is shorter than the end-user prefix length /{n} of rule {rule.ipv6_prefix}: "
             "its EA bits are not all known"
         )
@@ -142,7 +142,7 @@ def end_user_prefix(rule: Rule, prefix: IPv6Network | IPv6Address) -> IPv6Networ
 
 
 def compute(
-    rule: Rule,
+    rule: MapRule,
     prefix: IPv6Network | IPv6Address,
     *,
     psid: int | None = None,
@@ -160,15 +160,15 @@ def compute(
     suffix = ea >> q
     if q:
         if psid is not None and psid != ea & ((1 << q) - 1):
-            raise MapError(f"provisioned PSID {psid} contradicts PSID {ea & ((1 << q) - 1)} from the EA bits")
+            raise MappingError(f"provisioned PSID {psid} contradicts PSID {ea & ((1 << q) - 1)} from the EA bits")
         psid = ea & ((1 << q) - 1)
     elif k:
         if psid is None:
-            raise MapError(
+            raise MappingError(
                 f"rule {rule.ipv6_prefix} has PSID length {k} but no EA bits for it: a PSID must be provisioned"
             )
         if not 0 <= psid < 1 << k:
-            raise MapError(f"provisioned PSID {psid} does not fit in {k} bits")
+            raise MappingError(f"provisioned PSID {psid} does not fit in {k} bits")
     else:
         psid = 0
     ipv4 = IPv4Address(int(rule.ipv4_prefix.network_address) | (suffix & ((1 << p) - 1)))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ipaddress import IPv6Address
 
 from .config import Config
-from .mapcalc import MapError, MapParams, compute
+from .mapcalc import MapParams, MappingError, compute
 from .state import WanAddress
 
 
@@ -35,7 +35,7 @@ def is_ce_address(config: Config, address: str) -> bool:
     """True when `address` is exactly the CE address its own prefix maps to: one of ours."""
     try:
         return map_address(config, address).ce_ipv6 == IPv6Address(address)
-    except MapError:
+    except MappingError:
         return False
 
 
@@ -53,6 +53,6 @@ def select(config: Config, wan: Collection[WanAddress], ours: Collection[str] = 
     for w in sorted(candidates, key=preference):
         try:
             return Selection(map_address(config, w.address), w)
-        except MapError as e:
+        except MappingError as e:
             problems.append(str(e))
     return Selection(None, reason="; ".join(dict.fromkeys(problems)))

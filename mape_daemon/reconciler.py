@@ -18,7 +18,7 @@ from . import desired as desired_mod
 from .config import Config
 from .errors import ConflictError
 from .kernel.netlink import describe_foreign
-from .mapcalc import MapError, MapParams
+from .mapcalc import MapParams, MappingError
 from .plan import Action, ConntrackCleanup, FirewallChange, NetAction, NftChange, Plan, RpFilterChange, diff
 from .prefix import Selection, map_address, select
 from .record import Mapping, RecordFile
@@ -153,7 +153,7 @@ class Reconciler:
             return selection, None
         try:
             params = map_address(cfg, last.source)
-        except MapError:
+        except MappingError:
             return selection, None
         reason = f"{selection.reason}; keeping {last.prefix} for {left:.0f} s in case it comes back"
         return Selection(params, None, reason, held=True), left

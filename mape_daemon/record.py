@@ -53,9 +53,6 @@ class Record:
     pending_conntrack: list[dict[str, Any]] = field(default_factory=list)
     nft_canonical: dict[str, str] = field(default_factory=dict)
 
-    def is_empty(self) -> bool:
-        return not (self.tunnels or self.addresses or self.rp_filter or self.pending_conntrack)
-
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["version"] = 1

@@ -35,6 +35,7 @@ class Schedule:
     urgent: bool = False  # a reload: now, whatever the backoff
     wake_at: float | None = None
     failures: int = 0
+    wedged_after: float = 300.0  # a sync takes seconds; one running this long is stuck
 
     def retry_delay(self) -> float:
         return min(self.backoff_max, self.backoff_first * 2 ** max(0, self.failures - 1))
@@ -81,10 +82,11 @@ class Schedule:
         self.last_end, self.running_since = now, None
 
     def healthy(self, now: float, bound: float) -> bool:
-        """The loop is alive when the last sync attempt, or the one running, is younger than
-        `bound`: a sync wedged in a kernel call stops the watchdog pings and systemd restarts us."""
+        """The loop is alive when the last sync attempt is younger than `bound`, and the one
+        running (if any) younger than that and than `wedged_after`: a sync wedged in a kernel call
+        stops the watchdog pings and systemd restarts us, however long the period."""
         if self.running_since is not None:
-            return now - self.running_since < bound
+            return now - self.running_since < min(bound, self.wedged_after)
         last = self.last_end if self.last_end is not None else self.last_start
         return last is None or now - last < bound
 

@@ -33,13 +33,14 @@ from .errors import CannotRunHere, MapeError
 from .reconciler import Reconciler, SyncResult
 from .record import RecordFile, exclusive
 from .report import Line, describe
-from .runner import Runner, Schedule
+from .runner import Runner
 
 log = logging.getLogger("mape-daemon")
 STATE_DIR = Path(os.environ.get("MAPE_STATE_DIR", "/run/mape-daemon"))
 EXIT_OK, EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 69, 78
 HISTORY = 20  # changes kept for `status`
 WATCHER_BACKOFF_MAX = 60.0
+FULL_CHECK, FULL_CHECK_LEGACY = 900.0, 60.0  # default sync_interval (see full_check_period)
 OVERFLOW_SAY_EVERY = 60.0  # a storm of route events (a BGP table loading) says so once a minute
 
 
@@ -96,6 +97,16 @@ def fields(result: SyncResult, event: str, cause: str, triggers: tuple[str, ...]
     return out
 
 
+def full_check_period(cfg: Config, backend: str) -> float:
+    """Seconds between full syncs. Events repair within a second what sends them; the full sync
+    is insurance against what does not: a sysctl reset, a lost event, and on iptables-legacy
+    (x_tables announce nothing) an `iptables -F` of our chains. It costs a netlink read only
+    (the netfilter reading is reused while the nf_tables generation stands still)."""
+    if cfg.daemon.sync_interval is not None:
+        return cfg.daemon.sync_interval
+    return FULL_CHECK_LEGACY if backend == "iptables-legacy" else FULL_CHECK
+
+
 def identity(cfg: Config) -> tuple:
     """What names the objects we own: a change means removing them under the old config first."""
     return (cfg.wan.interface, cfg.isp, cfg.tunnel.name, cfg.firewall.backend, cfg.pppoe, cfg.lan_interfaces)
@@ -121,8 +132,8 @@ class Service:
     ):
         self.path, self.records, self.make_kernel, self.state_dir = config_path, records, make_kernel, state_dir
         self.reconciler = Reconciler(config, make_kernel(config), records)
-        period = config.daemon.sync_interval
-        self.runner = Runner(self.sync_once, Schedule(period=period, backoff_max=min(60.0, period)))
+        self.runner = Runner(self.sync_once)
+        self._set_period()
         self.ready = False
         self.pending: Config | None = None  # a reloaded config, swapped in between two syncs
         self.loaded_at = time.time()
@@ -131,6 +142,7 @@ class Service:
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self.repairs: Counter[str] = Counter()
         self.last: SyncResult | None = None
+        self.last_change_seconds: float | None = None  # how long the last sync that changed something took
         self.watcher_restarts = 0
         self.exit_code = EXIT_OK
         self.overflows: Counter[str] = Counter()  # since the last line that said so, per source
@@ -162,9 +174,12 @@ class Service:
             self.reconciler.kernel = self.make_kernel(new)
             self.reconciler.kernel.bind_canonical(self.records.record.nft_canonical)
         self.reconciler.config = new
-        self.runner.schedule.period = new.daemon.sync_interval
-        self.runner.schedule.backoff_max = min(60.0, new.daemon.sync_interval)
+        self._set_period()
         return None
+
+    def _set_period(self) -> None:
+        period = full_check_period(self.config, self.reconciler.kernel.backend)
+        self.runner.schedule.period, self.runner.schedule.backoff_max = period, min(60.0, period)
 
     async def sync_once(self, cause: str, triggers: tuple[str, ...] = ()) -> bool:
         reloaded = self.pending
@@ -188,6 +203,8 @@ class Service:
 
         self.own_generation = current_generation()
         self.last = result
+        if result.plan:
+            self.last_change_seconds = result.seconds
         self._report(result, cause, triggers)
         if isinstance(result.error, CannotRunHere):
             log.error("this host cannot run mape-daemon: %s", result.error, extra=fields(result, "error", cause))
@@ -235,6 +252,7 @@ class Service:
             "ok": result.ok,
             "error": str(result.error) if result.error else None,
             "changes": len(result.plan.actions),
+            "last_change_seconds": self.last_change_seconds,
             "reason": result.selection.reason,
             "held": result.selection.held,
             "prefix": str(p.end_user_prefix) if p else None,
@@ -337,7 +355,7 @@ class Service:
         kernel names the committing thread, and our syncs commit from a worker thread."""
         if pid is not None:
             ours = (pid == os.getpid() or os.path.exists(f"/proc/self/task/{pid}")
-                    or pid in getattr(self.reconciler.kernel.fw, "writers", ()))  # fmt: skip
+                    or pid in getattr(self.reconciler.kernel.iptables, "writers", ()))  # fmt: skip
         else:
             ours = self.own_generation is not None and generation <= self.own_generation
         if not ours:
@@ -430,7 +448,7 @@ def _stop_before(spec: str, syncs: Callable[[], int]) -> Callable[[Any], None]:
 
 
 def main(config_path: str) -> int:
-    from .kernel import LinuxKernel, make_iptables
+    from .kernel import LinuxKernel, make_chains
 
     setup_logging()
     config = load(config_path)  # a ConfigError here exits 78 (cli)
@@ -441,6 +459,6 @@ def main(config_path: str) -> int:
         records = RecordFile(STATE_DIR)
 
         def make_kernel(cfg: Config) -> LinuxKernel:
-            return LinuxKernel(make_iptables(cfg.firewall.backend, records.record.backend))
+            return LinuxKernel(make_chains(cfg.firewall.backend, records.record.backend))
 
         return asyncio.run(Service(config_path, config, records, make_kernel).run())

@@ -43,8 +43,8 @@ class FakeKernel:
         self.routes: dict[Route, int] = {}  # route -> protocol
         self.rules: dict[RoutingRule, int] = {}
         self.rp_filter: dict[str, int] = {"all": 0}
-        self.fw = FakeFirewall()
-        self.chains, self.builtin = self.fw.chains, self.fw.builtin
+        self.iptables = FakeChains()
+        self.chains, self.builtin = self.iptables.chains, self.iptables.builtin
         self.nft: str | None = None
         self.cleanups: list[ConntrackCleanup] = []
         self.conntrack_deleted = 0
@@ -101,7 +101,7 @@ class FakeKernel:
         wan += [WanAddress(a, 128, False, False, True) for i, a in sorted(self.ce_addrs) if i == q.wan]
         addrs = {Address(i, a, 128) for i, a in self.ce_addrs if (i, a) in q.addresses}
         addrs |= {a for a in self.addresses if a.ifname in q.tunnels and a.ifname in self.tunnels}
-        chains, jumps = self.fw.observe()
+        chains, jumps = self.iptables.observe()
         return Observed(
             links=dict(self.links),
             wan=tuple(wan),
@@ -131,7 +131,7 @@ class FakeKernel:
         elif isinstance(action, FirewallChange):
             if self.backend == "nftables":
                 raise RuntimeError(f"the nftables backend has no iptables chains to change: {action}")
-            self.fw.apply(action)
+            self.iptables.apply(action)
         elif isinstance(action, NftChange):
             self.nft = action.script
         elif isinstance(action, RpFilterChange):
@@ -196,7 +196,7 @@ class FakeKernel:
                 del self.rules[obj]
 
 
-class FakeFirewall:
+class FakeChains:
     """The iptables part: our chains and the built-in chains' rules, as iptables-save text."""
 
     name = "fake"

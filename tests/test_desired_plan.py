@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from mape_daemon import desired, rules
+from mape_daemon import desired, maprules
 from mape_daemon.config import parse
 from mape_daemon.mapcalc import compute
 from mape_daemon.plan import FirewallChange, NetAction, NftChange, diff
 from mape_daemon.state import NOTHING, Jump, Tunnel
 
 GOLDEN = Path(__file__).with_name("golden")
-OCN = compute(rules.bundled().match(IPv6Address("2400:4050:1234:5600::1")), IPv6Address("2400:4050:1234:5600::1"))
+OCN = compute(maprules.bundled().match(IPv6Address("2400:4050:1234:5600::1")), IPv6Address("2400:4050:1234:5600::1"))
 BASE = '[wan]\ninterface = "wan0"\n'
 PPPOE = BASE + '[lan]\ninterfaces = ["lan0"]\n[pppoe]\nhosts = ["192.168.1.55/32"]\n'
 

@@ -9,12 +9,12 @@ from ipaddress import IPv6Address
 
 import pytest
 
-from mape_daemon import desired, rules
+from mape_daemon import desired, maprules
 from mape_daemon.config import parse
 from mape_daemon.mapcalc import compute
 from mape_daemon.plan import diff_firewall
 from mape_daemon.state import BUILTIN_CHAINS, State
-from tests.fake_kernel import FakeFirewall
+from tests.fake_kernel import FakeChains
 from tests.hostns import fresh_netns
 
 CFG = parse('[wan]\ninterface = "wan0"\n[pppoe]\nlan_interfaces = ["lan0"]\nhosts = ["192.168.1.55/32"]\n')
@@ -24,7 +24,7 @@ LINKS = frozenset({"wan0", "lan0", "ppp0"})
 
 def params(address: str):
     addr = IPv6Address(address)
-    return compute(rules.bundled().match(addr), addr)
+    return compute(maprules.bundled().match(addr), addr)
 
 
 OCN_A, OCN_B = params("2400:4050:1234:5600::1"), params("2400:4050:1234:9a00::1")
@@ -56,7 +56,7 @@ class RealHarness:
 
 class FakeHarness:
     def __init__(self):
-        self.fw = FakeFirewall()
+        self.fw = FakeChains()
 
     def iptables(self, *args: str) -> None:
         self.fw.iptables(*args)
@@ -75,13 +75,13 @@ def h(request):
         return
     with fresh_netns():
         if request.param == "iptables-nft":
-            from mape_daemon.kernel.netfilter_restore import RestoreFirewall
+            from mape_daemon.kernel.netfilter_restore import RestoreChains
 
-            yield RealHarness(RestoreFirewall("iptables-nft"), "iptables-nft")
+            yield RealHarness(RestoreChains("iptables-nft"), "iptables-nft")
         else:
-            from mape_daemon.kernel.netfilter_iptc import IptcFirewall
+            from mape_daemon.kernel.netfilter_iptc import IptcChains
 
-            yield RealHarness(IptcFirewall(), "iptables-legacy")
+            yield RealHarness(IptcChains(), "iptables-legacy")
 
 
 def sync(h, p=OCN_A, cfg=CFG):

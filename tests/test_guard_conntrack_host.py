@@ -14,7 +14,7 @@ from ipaddress import IPv6Address
 
 import pytest
 
-from mape_daemon import desired, rules
+from mape_daemon import desired, maprules
 from mape_daemon.config import parse
 from mape_daemon.kernel import conntrack
 from mape_daemon.kernel.netlink import Netlink
@@ -30,7 +30,7 @@ CFG = parse('[wan]\ninterface = "wan0"\n[tunnel]\nname = "tnl0"\n[pppoe]\nhosts 
 
 def params():
     a = IPv6Address("2400:4050:1234:5600::1")
-    return compute(rules.bundled().match(a), a)
+    return compute(maprules.bundled().match(a), a)
 
 
 P = params()  # 153.240.72.209, psid 22: ports 1376-1391, 2400-2415, ...

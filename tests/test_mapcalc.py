@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mape_daemon.mapcalc import IidLayout, MapError, Rule, compute, decode_ce, port_ranges, psid_of_port
+from mape_daemon.mapcalc import IidLayout, MappingError, MapRule, compute, decode_ce, port_ranges, psid_of_port
 
-RFC_RULE = Rule(IPv6Network("2001:db8::/40"), IPv4Network("192.0.2.0/24"), ea_len=16, psid_offset=6)
+RFC_RULE = MapRule(IPv6Network("2001:db8::/40"), IPv4Network("192.0.2.0/24"), ea_len=16, psid_offset=6)
 RFC_PREFIX = IPv6Network("2001:db8:12:3400::/56")
 
 
@@ -36,7 +36,7 @@ def test_rfc7597_appendix_a_example_1_draft03_layout():
 
 
 def test_ocn_primer_example():
-    rule = Rule(
+    rule = MapRule(
         IPv6Network("2400:4050::/34"),
         IPv4Network("153.240.0.0/16"),
         ea_len=22,
@@ -73,23 +73,23 @@ def test_address_and_longer_prefix_give_the_same_end_user_prefix_and_zero_subnet
 )
 def test_impossible_rules_are_refused(kwargs, message):
     base = {"ipv6_prefix": IPv6Network("2001:db8::/40"), "ipv4_prefix": IPv4Network("192.0.2.0/24")}
-    with pytest.raises(MapError, match=message):
-        Rule(**{"ea_len": 16, **base, **kwargs})
+    with pytest.raises(MappingError, match=message):
+        MapRule(**{"ea_len": 16, **base, **kwargs})
 
 
 def test_prefix_outside_rule_or_too_short_is_refused():
-    with pytest.raises(MapError, match="not inside the rule prefix"):
+    with pytest.raises(MappingError, match="not inside the rule prefix"):
         compute(RFC_RULE, IPv6Network("2001:db9::/56"))
-    with pytest.raises(MapError, match="shorter than the end-user prefix length /56"):
+    with pytest.raises(MappingError, match="shorter than the end-user prefix length /56"):
         compute(RFC_RULE, IPv6Network("2001:db8:12::/48"))
 
 
 def test_provisioned_psid_when_ea_bits_carry_none():
     # A 1:1 /32 rule with no EA bits: the PSID comes from provisioning.
-    rule = Rule(IPv6Network("2001:db8:1::/56"), IPv4Network("198.51.100.7/32"), ea_len=0, psid_len=4)
-    with pytest.raises(MapError, match="PSID must be provisioned"):
+    rule = MapRule(IPv6Network("2001:db8:1::/56"), IPv4Network("198.51.100.7/32"), ea_len=0, psid_len=4)
+    with pytest.raises(MappingError, match="PSID must be provisioned"):
         compute(rule, IPv6Network("2001:db8:1::/56"))
-    with pytest.raises(MapError, match="does not fit in 4 bits"):
+    with pytest.raises(MappingError, match="does not fit in 4 bits"):
         compute(rule, IPv6Network("2001:db8:1::/56"), psid=16)
     p = compute(rule, IPv6Network("2001:db8:1::/56"), psid=5)
     assert (p.ipv4, p.psid, p.psid_len) == (IPv4Address("198.51.100.7"), 5, 4)
@@ -97,7 +97,7 @@ def test_provisioned_psid_when_ea_bits_carry_none():
 
 
 def test_no_sharing_rule_gives_all_non_system_ports():
-    rule = Rule(IPv6Network("2001:db8::/40"), IPv4Network("192.0.2.0/24"), ea_len=8)
+    rule = MapRule(IPv6Network("2001:db8::/40"), IPv4Network("192.0.2.0/24"), ea_len=8)
     p = compute(rule, IPv6Network("2001:db8:7::/48"))
     assert (p.ipv4, p.psid_len) == (IPv4Address("192.0.2.7"), 0)
     assert p.port_ranges == tuple((a * 1024, a * 1024 + 1023) for a in range(1, 64))
@@ -112,7 +112,7 @@ def rules_and_psids(draw):
     r6 = draw(st.integers(16, 64 - (p + k)))
     ipv4 = IPv4Network((draw(st.integers(0, 2**32 - 1)) >> p << p, r4))
     ipv6 = IPv6Network((draw(st.integers(0, 2**128 - 1)) >> (128 - r6) << (128 - r6), r6))
-    rule = Rule(ipv6, ipv4, ea_len=p + k, psid_offset=offset)
+    rule = MapRule(ipv6, ipv4, ea_len=p + k, psid_offset=offset)
     return rule, k
 
 

@@ -39,7 +39,7 @@ class FakeWorld:
             assert k.nft is not None
             k.nft = re.sub(r"\t\t.* snat ip to .*\n", "", k.nft)
         elif what == "snat-flushed":
-            k.fw.iptables("-t", "nat", "-F", "MAPE-SNAT")
+            k.iptables.iptables("-t", "nat", "-F", "MAPE-SNAT")
         elif what == "guard-deleted":
             k.nft = None
         elif what == "fwmark-rule-deleted":
@@ -53,15 +53,15 @@ class FakeWorld:
         k.routes[Route("198.18.0.0/24", "lan0", 10)] = 4  # the user's own route in the PPPoE table
         k.rules[RoutingRule(100, 1000, 0xFFFFFFFF, 20)] = 0  # a foreign fwmark rule
         k.rules[RoutingRule(5000, 0x7, 0xFFFFFFFF, 20)] = 0  # one at our priority
-        k.fw.iptables("-t", "nat", "-N", "USER-NAT")
-        k.fw.iptables("-t", "nat", "-A", "POSTROUTING", "-o", "ppp0", "-j", "MASQUERADE")
+        k.iptables.iptables("-t", "nat", "-N", "USER-NAT")
+        k.iptables.iptables("-t", "nat", "-A", "POSTROUTING", "-o", "ppp0", "-j", "MASQUERADE")
 
     def foreign(self):
         k = self.kernel
         return (
             sorted((r, p) for r, p in k.routes.items() if p != 203),
             sorted((r, p) for r, p in k.rules.items() if p != 203),
-            k.fw.foreign(),
+            k.iptables.foreign(),
         )
 
     def leftovers(self) -> list[str]:

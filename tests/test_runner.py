@@ -77,6 +77,15 @@ def test_health_is_the_age_of_the_last_attempt_not_the_loop():
     assert not s.healthy(262.0, bound=130)  # no attempt for too long
 
 
+def test_a_long_period_does_not_hide_a_wedged_sync():
+    s = Schedule(period=900)
+    s.started(0.0)
+    assert s.healthy(299.0, bound=1810)
+    assert not s.healthy(301.0, bound=1810)  # stuck for five minutes: stop the pings
+    s.finished(True, 301.0)
+    assert s.healthy(1000.0, bound=1810)  # idle between full checks is healthy
+
+
 def test_runner_coalesces_and_stops():
     async def scenario():
         calls = []

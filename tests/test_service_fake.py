@@ -91,7 +91,7 @@ def test_the_journal_names_each_repair_and_its_cause(svc, caplog):
     assert sync(svc, "start")
     k = svc.kernel
     k.apply_del_tunnel("ip6tnl1")
-    k.fw.iptables("-t", "nat", "-F", "MAPE-SNAT-TCP")
+    k.iptables.iptables("-t", "nat", "-F", "MAPE-SNAT-TCP")
     with caplog.at_level(logging.INFO, "mape-daemon"):
         assert sync(svc, "event")
     lines = [(r.message, r.MAPE_EVENT, r.MAPE_CAUSE) for r in caplog.records]
@@ -124,3 +124,15 @@ def test_an_nftables_commit_by_one_of_our_threads_is_no_news_and_another_process
     finally:
         hold.set()
         worker.join()
+
+
+@pytest.mark.parametrize(("backend", "configured", "period"), [
+    ("nftables", None, 900), ("iptables-nft", None, 900), ("iptables-legacy", None, 60),
+    ("iptables-legacy", 600, 600), ("nftables", 30, 30),
+])  # fmt: skip
+def test_the_full_check_is_rare_where_netfilter_announces_changes(tmp_path, backend, configured, period):
+    k = FakeKernel(("wan0",))
+    k.backend = backend
+    text = '[wan]\ninterface = "wan0"\n' + (f"[daemon]\nsync_interval = {configured}\n" if configured else "")
+    s = Service(str(tmp_path / "mape.toml"), parse(text), RecordFile(tmp_path / "run"), lambda cfg: k, tmp_path)
+    assert s.runner.schedule.period == period

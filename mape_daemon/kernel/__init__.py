@@ -21,13 +21,17 @@ from ..state import Address, Chain, Jump, Observed, Query, Route, RoutingRule, S
 from . import conntrack
 from .netlink import Netlink
 from .nftables import NftTable
+from .nftevents import current_generation
+
+Netfilter = tuple[frozenset[Chain], tuple[Jump, ...], str | None]
 
 
-class IptablesBackend(Protocol):
+class IptablesChains(Protocol):
     """Our MAPE-* chains in the iptables tables, through one tool or library."""
 
     name: str
     writes: int
+    in_nf_tables: bool  # its chains live in nf_tables: the ruleset generation moves when they change
 
     def normalize(
         self, chains: frozenset[Chain], jumps: tuple[Jump, ...]
@@ -36,11 +40,12 @@ class IptablesBackend(Protocol):
     def apply(self, change: FirewallChange) -> None: ...
 
 
-class NoIptables:
+class NoChains:
     """The nftables backend: everything of ours is in our nftables table, no iptables chain."""
 
     name = "nftables"
     writes = 0
+    in_nf_tables = True
 
     def normalize(self, chains: frozenset[Chain], jumps: tuple[Jump, ...]) -> tuple[frozenset[Chain], tuple[Jump, ...]]:
         return chains, jumps
@@ -52,7 +57,7 @@ class NoIptables:
         raise RuntimeError(f"the nftables backend has no iptables chains to change: {change}")
 
 
-def make_iptables(backend: str, recorded: str | None = None) -> IptablesBackend:
+def make_chains(backend: str, recorded: str | None = None) -> IptablesChains:
     """`auto` keeps the backend our state already lives in (`recorded`: an upgrade never moves
     it behind the user's back; `cleanup` does), else picks one for this host."""
     if backend == "auto":
@@ -60,31 +65,32 @@ def make_iptables(backend: str, recorded: str | None = None) -> IptablesBackend:
 
         backend = recorded or auto_backend()
     if backend == "nftables":
-        return NoIptables()
+        return NoChains()
     if backend == "iptables-legacy":
-        from .netfilter_iptc import IptcFirewall
+        from .netfilter_iptc import IptcChains
 
-        return IptcFirewall()
-    from .netfilter_restore import RestoreFirewall
+        return IptcChains()
+    from .netfilter_restore import RestoreChains
 
-    return RestoreFirewall("iptables-nft")
+    return RestoreChains("iptables-nft")
 
 
 class LinuxKernel:
-    def __init__(self, iptables: IptablesBackend, nft: NftTable | None = None):
-        self.fw = iptables
+    def __init__(self, iptables: IptablesChains, nft: NftTable | None = None):
+        self.iptables = iptables
         self.nft = nft or NftTable()
         self._net_writes = 0
         self._nl: Netlink | None = None
         self.conntrack_deleted = 0
+        self._netfilter_seen: tuple[tuple[int, int], Netfilter] | None = None
 
     @property
     def backend(self) -> str:
-        return self.fw.name
+        return self.iptables.name
 
     @property
     def writes(self) -> int:
-        return self._net_writes + self.fw.writes + self.nft.writes
+        return self._net_writes + self.iptables.writes + self.nft.writes
 
     def bind_canonical(self, canonical: dict[str, str]) -> None:
         """Share the learned nft listings with the ownership record (kept across restarts)."""
@@ -126,7 +132,7 @@ class LinuxKernel:
                 addresses |= set(nl.addresses(name, links[name][0], 4))
         routes, foreign_routes = nl.routes(q.route_tables)
         rules, foreign_rules = nl.rules()
-        chains, jumps = self.fw.observe()
+        chains, jumps, nft = self._netfilter()
         return Observed(
             links={name: kind for name, (_, kind) in links.items()},
             wan=tuple(wan),
@@ -139,11 +145,30 @@ class LinuxKernel:
             rp_filter=nl.rp_filter(q.rp_filter),
             chains=chains,
             jumps=jumps,
-            nft=self.nft.observe(),
+            nft=nft,
         )
 
+    def _netfilter(self) -> Netfilter:
+        """Our chains and our table. nf_tables numbers its ruleset: every commit, by anyone
+        (nft, iptables-nft, firewalld, us), moves the generation. While it stands still the last
+        reading is still true, so a sync that changes nothing forks no iptables-save and lists
+        no table. Legacy iptables chains live outside nf_tables and are read every time."""
+        netns = os.stat("/proc/thread-self/ns/net").st_ino  # one LinuxKernel may serve several (tests)
+        gen = current_generation()
+        key = (netns, gen) if gen is not None else None
+        seen = self._netfilter_seen
+        if key is not None and seen is not None and seen[0] == key:
+            chains, jumps, nft = seen[1]
+            if not self.iptables.in_nf_tables:
+                chains, jumps = self.iptables.observe()
+            return chains, jumps, nft
+        chains, jumps = self.iptables.observe()
+        reading = (chains, jumps, self.nft.observe())
+        self._netfilter_seen = (key, reading) if key is not None else None
+        return reading
+
     def normalize(self, state: State) -> State:
-        chains, jumps = self.fw.normalize(state.chains, state.jumps)
+        chains, jumps = self.iptables.normalize(state.chains, state.jumps)
         return State(state.tunnels, state.addresses, state.routes, state.rules, state.loose_rp, chains, jumps,
                      state.nft)  # fmt: skip
 
@@ -152,7 +177,7 @@ class LinuxKernel:
 
     def apply(self, action: Action) -> None:
         if isinstance(action, FirewallChange):
-            self.fw.apply(action)
+            self.iptables.apply(action)
         elif isinstance(action, NftChange):
             self.nft.replace(action.script)
         elif isinstance(action, ConntrackCleanup):

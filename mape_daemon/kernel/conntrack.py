@@ -11,7 +11,8 @@ import os
 import socket
 from collections.abc import Iterable, Iterator
 
-from pyroute2 import Conntrack, IPRoute
+from pyroute2.conntrack import Conntrack
+from pyroute2.iproute.linux import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import RetryableError

@@ -130,8 +130,9 @@ def xtables_lock(timeout: float = 10) -> Iterator[None]:
         os.close(fd)
 
 
-class IptcFirewall:
+class IptcChains:
     name = "iptables-legacy"
+    in_nf_tables = False  # x_tables: no generation number, no events; read on every sync
 
     def __init__(self) -> None:
         self.writes = 0

@@ -61,16 +61,19 @@ def restore_script(change: FirewallChange) -> str:
     return "\n".join(lines) + "\n"
 
 
-class RestoreFirewall:
+class RestoreChains:
     """`binary` is the command family: iptables-nft (default) or iptables-legacy."""
 
     def __init__(self, binary: str = "iptables-nft"):
         self.name = binary
         self.save, self.restore = f"{binary}-save", f"{binary}-restore"
+        self.in_nf_tables = binary != "iptables-legacy"
         self.writes = 0
+        self.forks = 0
         self.writers: deque[int] = deque(maxlen=16)  # pids of our recent restores: their commits are ours
 
     def _run(self, argv: list[str], stdin: str | None = None) -> str:
+        self.forks += 1
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)  # fmt: skip

@@ -12,7 +12,7 @@ from functools import cache
 from importlib import resources
 from ipaddress import IPv4Network, IPv6Address, IPv6Network
 
-from .mapcalc import IidLayout, MapError, Rule
+from .mapcalc import IidLayout, MappingError, MapRule
 
 ISP_NAMES = {
     "ocn": "OCN Virtual Connect",
@@ -25,24 +25,24 @@ UNVERIFIED = frozenset({"nuro"})
 OCN_NON_VC = IPv6Network("2409::/16")
 
 
-class NoRuleError(MapError):
+class NoRuleError(MappingError):
     """No bundled rule covers the prefix: fail closed, never guess."""
 
 
 @dataclass(frozen=True)
 class RuleTable:
-    rules: tuple[Rule, ...]
+    rules: tuple[MapRule, ...]
     about: str = ""
 
     def __post_init__(self) -> None:
         # Index by prefix length, then by network number, for a longest-prefix match in a few
         # dictionary look-ups (the calc benchmark maps 10,000 prefixes in one process).
-        index: dict[int, dict[int, list[Rule]]] = {}
+        index: dict[int, dict[int, list[MapRule]]] = {}
         for r in self.rules:
             index.setdefault(r.ipv6_prefix.prefixlen, {}).setdefault(int(r.ipv6_prefix.network_address), []).append(r)
         object.__setattr__(self, "_index", sorted(index.items(), reverse=True))
 
-    def match(self, prefix: IPv6Network | IPv6Address, isp: str | None = None) -> Rule:
+    def match(self, prefix: IPv6Network | IPv6Address, isp: str | None = None) -> MapRule:
         """The longest rule IPv6 prefix containing `prefix` (of ISP `isp` if given)."""
         net = IPv6Network(prefix) if isinstance(prefix, IPv6Address) else prefix
         addr = int(net.network_address)
@@ -66,8 +66,8 @@ def no_rule_message(prefix: IPv6Network | IPv6Address, isp: str | None) -> str:
     return msg
 
 
-def rule_from_dict(d: dict, layout: IidLayout = IidLayout.DRAFT03) -> Rule:
-    return Rule(
+def rule_from_dict(d: dict, layout: IidLayout = IidLayout.DRAFT03) -> MapRule:
+    return MapRule(
         ipv6_prefix=IPv6Network(d["ipv6_prefix"]),
         ipv4_prefix=IPv4Network(d["ipv4_prefix"]),
         ea_len=int(d["ea_len"]),

@@ -7,10 +7,10 @@ from ipaddress import IPv6Address, IPv6Network
 
 import pytest
 
-from mape_daemon import rules
+from mape_daemon import maprules
 from mape_daemon.mapcalc import IidLayout, compute
 
-TABLE = rules.bundled()
+TABLE = maprules.bundled()
 
 
 def test_table_holds_every_isp_with_its_provenance():
@@ -19,7 +19,7 @@ def test_table_holds_every_isp_with_its_provenance():
     assert len(TABLE.rules) == len(raw["rules"]) == 426
     # Rules kept for provenance but never loaded carry the reason they are out.
     assert all(r["reason"] for r in raw["excluded"]) and len(raw["excluded"]) == 2
-    assert {r.isp for r in TABLE.rules} == set(rules.ISP_NAMES)
+    assert {r.isp for r in TABLE.rules} == set(maprules.ISP_NAMES)
     assert all(r.iid is IidLayout.DRAFT03 for r in TABLE.rules)
 
 
@@ -81,20 +81,20 @@ def test_biglobe_east_and_west_have_their_own_br():
 
 
 def test_longest_prefix_wins():
-    rule = rules.Rule(IPv6Network("2001:db8::/32"), rules.IPv4Network("192.0.2.0/24"), ea_len=16)
-    longer = rules.Rule(IPv6Network("2001:db8:ff00::/40"), rules.IPv4Network("198.51.100.0/24"), ea_len=16)
-    table = rules.RuleTable((rule, longer))
+    rule = maprules.MapRule(IPv6Network("2001:db8::/32"), maprules.IPv4Network("192.0.2.0/24"), ea_len=16)
+    longer = maprules.MapRule(IPv6Network("2001:db8:ff00::/40"), maprules.IPv4Network("198.51.100.0/24"), ea_len=16)
+    table = maprules.RuleTable((rule, longer))
     assert table.match(IPv6Network("2001:db8:ff12:3400::/56")) is longer
     assert table.match(IPv6Network("2001:db8:1200:3400::/56")) is rule
 
 
 def test_unknown_prefix_fails_closed_with_a_clear_message():
-    with pytest.raises(rules.NoRuleError, match="matches no bundled MAP-E rule; give the rule explicitly"):
+    with pytest.raises(maprules.NoRuleError, match="matches no bundled MAP-E rule; give the rule explicitly"):
         TABLE.match(IPv6Network("2001:db8:1:2::/64"))
-    with pytest.raises(rules.NoRuleError, match="not served by OCN Virtual Connect"):
+    with pytest.raises(maprules.NoRuleError, match="not served by OCN Virtual Connect"):
         TABLE.match(IPv6Address("2409:10:1234:5678::1"))
 
 
 def test_isp_filter_refuses_a_prefix_of_another_isp():
-    with pytest.raises(rules.NoRuleError, match="matches no v6plus"):
+    with pytest.raises(maprules.NoRuleError, match="matches no v6plus"):
         TABLE.match(IPv6Network("2400:4050:1234:5600::/56"), isp="v6plus")

@@ -1,0 +1,73 @@
+"""A sync that finds nothing changed forks nothing and lists nothing: our netfilter reading is
+reused while the nf_tables ruleset generation stands still (host kernel, fresh namespaces)."""
+
+from __future__ import annotations
+
+import subprocess
+
+from mape_daemon.kernel import LinuxKernel
+from mape_daemon.kernel.netfilter_iptc import IptcChains
+from mape_daemon.kernel.netfilter_restore import RestoreChains
+from mape_daemon.kernel.nftables import NftTable
+from mape_daemon.state import Query
+from tests.hostns import fresh_netns
+
+QUERY = Query("wan0", frozenset(), frozenset(), frozenset(), frozenset({254}))
+TABLE = "table ip mape {\n\tchain guard {\n\t\ttype filter hook postrouting priority 300; policy accept;\n\t}\n}\n"
+
+
+class CountingTable(NftTable):
+    listings = 0
+
+    def observe(self) -> str | None:
+        self.listings += 1
+        return super().observe()
+
+
+def run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+def test_unchanged_generation_reuses_the_reading_and_any_commit_invalidates_it():
+    with fresh_netns():
+        fw, nft = RestoreChains("iptables-nft"), CountingTable()
+        kernel = LinuxKernel(fw, nft)
+        run("iptables-nft", "-t", "nat", "-N", "MAPE-SNAT-TCP")
+        nft.replace(TABLE)
+        with kernel.session():
+            first = kernel.observe(QUERY)
+            forks, listings = fw.forks, nft.listings
+            again = kernel.observe(QUERY)
+            assert (fw.forks, nft.listings) == (forks, listings)  # nothing forked, nothing listed
+            assert (again.chains, again.nft) == (first.chains, first.nft)
+
+            run("nft", "add", "table", "inet", "someone-else")  # anyone's commit moves the generation
+            kernel.observe(QUERY)
+            assert fw.forks > forks and nft.listings > listings
+
+            run("iptables-nft", "-t", "nat", "-A", "MAPE-SNAT-TCP", "-j", "ACCEPT")
+            (chain,) = kernel.observe(QUERY).chains
+            assert chain.rules == ("-j ACCEPT",)
+
+            run("nft", "delete", "table", "ip", "mape")
+            assert kernel.observe(QUERY).nft is None
+
+
+def test_the_reading_of_one_namespace_is_not_reused_in_another():
+    kernel = LinuxKernel(RestoreChains("iptables-nft"))
+    seen = []
+    for chain in ("MAPE-A", "MAPE-B"):
+        with fresh_netns():
+            run("iptables-nft", "-t", "nat", "-N", chain)
+            with kernel.session():
+                seen.append({c.name for c in kernel.observe(QUERY).chains})
+    assert seen == [{"MAPE-A"}, {"MAPE-B"}]
+
+
+def test_legacy_chains_are_read_every_time_they_move_no_generation():
+    with fresh_netns():
+        kernel = LinuxKernel(IptcChains())
+        with kernel.session():
+            assert kernel.observe(QUERY).chains == frozenset()
+            run("iptables-legacy", "-t", "nat", "-N", "MAPE-SNAT-TCP")
+            assert {c.name for c in kernel.observe(QUERY).chains} == {"MAPE-SNAT-TCP"}
