@@ -1,33 +1,92 @@
-"""The address-refresh filter: lifetime refreshes are no news, flag changes and removals are."""
+"""The address-refresh filter: lifetime refreshes are no news, flag changes and removals are.
+Raw messages as the kernel packs them; the last test reads a real kernel's events."""
 
-from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from __future__ import annotations
 
-from mape_daemon.kernel.watch import AddressRefreshFilter
+import asyncio
+import socket
+import struct
+import subprocess
+import threading
+from ipaddress import IPv6Address
+
+from mape_daemon.kernel.watch import (
+    IFA_ADDRESS,
+    IFA_CACHEINFO,
+    IFA_FLAGS,
+    RTM_DELADDR,
+    RTM_NEWADDR,
+    AddressRefreshFilter,
+    watch,
+)
+from tests.hostns import fresh_netns
+
+RTM_NEWLINK = 16
 
 
-def addr(event: str, address: str, flags: int = 0, preferred: int = 3600) -> ifaddrmsg:
-    msg = ifaddrmsg()
-    msg["index"], msg["prefixlen"], msg["flags"] = 2, 64, 0
-    cache = {"ifa_preferred": preferred, "ifa_valid": 7200, "cstamp": 0, "tstamp": 0}
-    msg["attrs"] = [("IFA_ADDRESS", address), ("IFA_FLAGS", flags), ("IFA_CACHEINFO", cache)]
-    msg["event"] = event
-    return msg
+def attr(kind: int, value: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(value), kind) + value + b"\0" * (-len(value) % 4)
+
+
+def addr(address: str, flags: int = 0, preferred: int = 3600) -> bytes:
+    return (struct.pack("=BBBBI", socket.AF_INET6, 64, 0, 0, 2) + attr(IFA_ADDRESS, IPv6Address(address).packed)
+            + attr(IFA_FLAGS, struct.pack("=I", flags))
+            + attr(IFA_CACHEINFO, struct.pack("=IIII", preferred, 7200, 0, 0)))  # fmt: skip
 
 
 def test_refreshes_are_dropped_changes_pass():
     f = AddressRefreshFilter()
     a = "2400:4050:1234:5600::1"
-    assert f.is_news(addr("RTM_NEWADDR", a, flags=0x40))  # new, tentative
-    assert f.is_news(addr("RTM_NEWADDR", a))  # DAD done
-    assert not f.is_news(addr("RTM_NEWADDR", a, preferred=3000))  # an RA refreshed the lifetimes
-    assert f.is_news(addr("RTM_NEWADDR", a, preferred=0))  # deprecated by renumbering
-    assert not f.is_news(addr("RTM_NEWADDR", a, preferred=0))
-    assert f.is_news(addr("RTM_DELADDR", a, preferred=0))
-    assert f.is_news(addr("RTM_NEWADDR", a))  # back again
+    assert f.is_news(RTM_NEWADDR, addr(a, flags=0x40))  # new, tentative
+    assert f.is_news(RTM_NEWADDR, addr(a))  # DAD done
+    assert not f.is_news(RTM_NEWADDR, addr(a, preferred=3000))  # an RA refreshed the lifetimes
+    assert f.is_news(RTM_NEWADDR, addr(a, preferred=0))  # deprecated by renumbering
+    assert not f.is_news(RTM_NEWADDR, addr(a, preferred=0))
+    assert f.is_news(RTM_DELADDR, addr(a, preferred=0))
+    assert f.is_news(RTM_NEWADDR, addr(a))  # back again
+    assert f.is_news(RTM_NEWADDR, addr("2400:4050:1234:5600::2"))  # another address is news
 
 
 def test_other_events_always_pass():
     f = AddressRefreshFilter()
-    msg = addr("RTM_NEWADDR", "2400::1")
-    msg["event"] = "RTM_NEWLINK"
-    assert f.is_news(msg) and f.is_news(msg)
+    assert f.is_news(RTM_NEWLINK, addr("2400::1")) and f.is_news(RTM_NEWLINK, addr("2400::1"))
+
+
+def test_a_real_kernel_lifetime_refresh_is_dropped_and_a_removal_is_not():
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    with fresh_netns():
+        ip("link", "add", "wan0", "type", "veth", "peer", "name", "wan1")
+        ip("link", "set", "wan0", "up")
+        seen: list[int] = []
+        ready, done = threading.Event(), threading.Event()
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(watch(seen.append, ready.set))
+        runner = threading.Thread(target=lambda: loop.run_until_complete(asyncio.wait([task])), daemon=True)
+        runner.start()
+        assert ready.wait(10)
+
+        def settle() -> list[int]:
+            done.clear()
+            loop.call_soon_threadsafe(lambda: loop.call_later(0.3, done.set))
+            done.wait(10)
+            out = list(seen)
+            seen.clear()
+            return out
+
+        a = "2400:4050:1234:5600::1/64"
+        ip("-6", "addr", "add", a, "dev", "wan0", "nodad", "valid_lft", "7200", "preferred_lft", "3600")
+        assert RTM_NEWADDR in settle()
+        raw = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)
+        raw.bind((0, 0x100))  # RTMGRP_IPV6_IFADDR, unfiltered: the kernel does announce the refresh
+        ip("-6", "addr", "change", a, "dev", "wan0", "nodad", "valid_lft", "7000", "preferred_lft", "3000")
+        assert settle() == []  # what an RA's refresh looks like: dropped
+        assert struct.unpack_from("=H", raw.recv(8192), 4)[0] == RTM_NEWADDR
+        raw.close()
+        ip("-6", "addr", "change", a, "dev", "wan0", "nodad", "valid_lft", "7000", "preferred_lft", "0")
+        assert RTM_NEWADDR in settle()  # deprecated: news
+        ip("-6", "addr", "del", a, "dev", "wan0")
+        assert RTM_DELADDR in settle()
+        loop.call_soon_threadsafe(task.cancel)
+        runner.join(10)

@@ -26,7 +26,7 @@ HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
 NFGEN = 4  # nfgenmsg: family, version, res_id (network order)
 
 
-def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:
+def messages(data: bytes) -> Iterator[tuple[int, bytes]]:
     off = 0
     while off + HEADER.size <= len(data):
         length, kind, _flags, _seq, _pid = HEADER.unpack_from(data, off)
@@ -61,7 +61,7 @@ def current_generation() -> int | None:
             body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
             s.send(HEADER.pack(HEADER.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
                                NLM_F_REQUEST, 1, 0) + body)  # fmt: skip
-            for kind, payload in _messages(s.recv(8192)):
+            for kind, payload in messages(s.recv(8192)):
                 if kind == NEWGEN:
                     return generation_of(payload)
     except OSError:
@@ -81,7 +81,7 @@ async def watch(trigger: Callable[[int, int | None], None], bound: Callable[[], 
         loop = asyncio.get_running_loop()
         while True:
             data = await loop.sock_recv(sock, 1 << 16)
-            for kind, payload in _messages(data):
+            for kind, payload in messages(data):
                 if kind == NEWGEN and (gen := generation_of(payload)) is not None:
                     trigger(gen, _u32(payload, NFTA_GEN_PROC_PID))
     finally:

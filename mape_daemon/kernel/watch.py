@@ -1,26 +1,41 @@
-"""Netlink events: they only say "something changed"; the reconciler re-reads the kernel."""
+"""Netlink events: they only say "something changed"; the reconciler re-reads the kernel.
+
+The socket is read raw, as nftevents does: the one thing looked into is an address event's
+flags and lifetimes, and decoding every message with pyroute2 cost more CPU than the rest of an
+idle daemon together (an RA every few seconds refreshes every SLAAC address).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import struct
 from collections.abc import Callable
 
-from pyroute2.iproute.linux import AsyncIPRoute
-from pyroute2.netlink.rtnl import (
-    RTMGRP_IPV4_IFADDR,
-    RTMGRP_IPV4_ROUTE,
-    RTMGRP_IPV4_RULE,
-    RTMGRP_IPV6_IFADDR,
-    RTMGRP_IPV6_ROUTE,
-    RTMGRP_LINK,
-)
-
 from .netlink import IFA_F_DEPRECATED, IFA_F_NODAD, IFA_F_NOPREFIXROUTE, IFA_F_TENTATIVE
+from .nftevents import messages
 
+RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE = 0x1, 0x10, 0x40, 0x80
+RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
 GROUPS = (
     RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE
 )
+RTM_NEWADDR, RTM_DELADDR = 20, 21
+IFA_ADDRESS, IFA_CACHEINFO, IFA_FLAGS = 1, 6, 8
 # Flags whose change matters to us; lifetimes are left out on purpose.
 ADDR_FLAGS = IFA_F_NODAD | IFA_F_DEPRECATED | IFA_F_TENTATIVE | IFA_F_NOPREFIXROUTE
+IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+
+
+def _attrs(payload: bytes, off: int) -> dict[int, bytes]:
+    out = {}
+    while off + 4 <= len(payload):
+        alen, atype = struct.unpack_from("=HH", payload, off)
+        if alen < 4:
+            break
+        out[atype & 0x3FFF] = payload[off + 4 : off + alen]
+        off += (alen + 3) & ~3
+    return out
 
 
 class AddressRefreshFilter:
@@ -29,19 +44,22 @@ class AddressRefreshFilter:
     events are dropped, so an idle router does not sync once per RA. Everything else passes."""
 
     def __init__(self) -> None:
-        self.seen: dict[tuple[int, str, int], int] = {}
+        self.seen: dict[tuple[int, bytes, int], int] = {}
 
-    def is_news(self, msg) -> bool:
-        event = msg.get("event")
-        if event not in ("RTM_NEWADDR", "RTM_DELADDR"):
+    def is_news(self, kind: int, payload: bytes) -> bool:
+        if kind not in (RTM_NEWADDR, RTM_DELADDR) or len(payload) < IFADDRMSG.size:
             return True
-        key = (msg["index"], msg.get_attr("IFA_ADDRESS"), msg["prefixlen"])
-        if event == "RTM_DELADDR":
+        _family, prefixlen, flags, _scope, index = IFADDRMSG.unpack_from(payload)
+        attrs = _attrs(payload, IFADDRMSG.size)
+        key = (index, attrs.get(IFA_ADDRESS, b""), prefixlen)
+        if kind == RTM_DELADDR:
             self.seen.pop(key, None)
             return True
-        flags = (msg.get_attr("IFA_FLAGS") or msg["flags"]) & ADDR_FLAGS
-        cache = msg.get_attr("IFA_CACHEINFO")
-        if cache is not None and cache["ifa_preferred"] == 0:
+        if len(attrs.get(IFA_FLAGS, b"")) >= 4:
+            flags = struct.unpack("=I", attrs[IFA_FLAGS][:4])[0]
+        flags &= ADDR_FLAGS
+        cache = attrs.get(IFA_CACHEINFO, b"")
+        if len(cache) >= 4 and struct.unpack("=I", cache[:4])[0] == 0:  # preferred lifetime 0
             flags |= IFA_F_DEPRECATED
         news = self.seen.get(key) != flags
         self.seen[key] = flags
@@ -49,18 +67,24 @@ class AddressRefreshFilter:
 
 
 async def watch(
-    trigger: Callable[[str], None], bound: Callable[[], None] = lambda: None, rcvbuf: int = 1 << 20
+    trigger: Callable[[int], None], bound: Callable[[], None] = lambda: None, rcvbuf: int = 1 << 20
 ) -> None:
-    """Call trigger(event name) for link, address, route and rule events, until cancelled.
+    """Call trigger(message type) for link, address, route and rule events, until cancelled.
 
     `bound` is called once the socket is subscribed: a sync started after it cannot miss a change.
-    A burst larger than the socket's buffer raises NetlinkError(ENOBUFS): events were lost, and
-    the caller must sync in full and subscribe again."""
+    A burst larger than the socket's buffer raises OSError(ENOBUFS): events were lost, and the
+    caller must sync in full and subscribe again."""
     news = AddressRefreshFilter()
-    async with AsyncIPRoute(rcvbuf=rcvbuf) as ipr:
-        await ipr.bind(groups=GROUPS)
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((0, GROUPS))
         bound()
+        loop = asyncio.get_running_loop()
         while True:
-            async for msg in ipr.get():
-                if news.is_news(msg):
-                    trigger(msg.get("event", "netlink"))
+            data = await loop.sock_recv(sock, 1 << 16)
+            for kind, payload in messages(data):
+                if news.is_news(kind, payload):
+                    trigger(kind)
+    finally:
+        sock.close()
