@@ -1,4 +1,4 @@
-"""Links, addresses, routes, routing rules and sysctls through rtnetlink (pyroute2).
+"""Links, addresses, routes, routing rules and sysctls through rtnetlink (read raw, changed by pyroute2).
 
 Creation is exclusive (the kernel refuses to create over an existing object), never `replace`,
 so an object of another program is never overwritten; deletion names our protocol number, so it
@@ -20,26 +20,30 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import CannotRunHere, ConflictError, RetryableError
 from ..state import RT_PROTO, Address, Route, RoutingRule, Tunnel, WanAddress
+from .rtnl import (
+    IFA_F_DEPRECATED,
+    IFA_F_NODAD,
+    IFA_F_NOPREFIXROUTE,
+    IFA_F_TENTATIVE,
+    Link,
+    Reader,
+    RouteMsg,
+    address,
+    u8,
+    u32,
+)
 
-IFA_F_NODAD, IFA_F_DEPRECATED, IFA_F_TENTATIVE, IFA_F_NOPREFIXROUTE = 0x02, 0x20, 0x40, 0x200
 IFF_UP = 0x1
 IP6_TNL_F_IGN_ENCAP_LIMIT = 0x1
 IPPROTO_IPIP, IPPROTO_IPV6 = 4, 41
 MODES = {IPPROTO_IPIP: "ipip6", IPPROTO_IPV6: "ip6ip6", 0: "any"}
-RTN_UNICAST, RTN_UNREACHABLE = 1, 7
+RTN_UNICAST, RTN_LOCAL, RTN_UNREACHABLE = 1, 2, 7
+IFLA_IPTUN_LINK, IFLA_IPTUN_LOCAL, IFLA_IPTUN_REMOTE, IFLA_IPTUN_TTL = 1, 2, 3, 4
+IFLA_IPTUN_ENCAP_LIMIT, IFLA_IPTUN_FLAGS, IFLA_IPTUN_PROTO = 6, 8, 9
 SUPPRESS_UNSET = 0xFFFFFFFF
 RT_SCOPE_NOWHERE = 255
 OK_ON_DEL = {errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENODEV}
 SYSCTL_CONF = Path("/proc/sys/net/ipv4/conf")
-
-
-def _attr(msg, name, default=None):
-    value = msg.get_attr(name)
-    return default if value is None else value
-
-
-def _flags(msg) -> int:
-    return _attr(msg, "IFA_FLAGS", msg["flags"])
 
 
 def rp_filter_path(ifname: str) -> Path:
@@ -47,14 +51,14 @@ def rp_filter_path(ifname: str) -> Path:
     return SYSCTL_CONF / ifname / "rp_filter"
 
 
-def _route(r, names: dict[int, str], family: int) -> Route:
+def _route(r: RouteMsg, names: dict[int, str], family: int) -> Route:
     return Route(
-        dst="default" if r["dst_len"] == 0 else f"{r.get_attr('RTA_DST')}/{r['dst_len']}",
-        dev=names.get(_attr(r, "RTA_OIF", 0), ""),
-        table=_attr(r, "RTA_TABLE", r["table"]),
-        metric=_attr(r, "RTA_PRIORITY", 0),
+        dst="default" if r.dst_len == 0 else f"{r.dst}/{r.dst_len}",
+        dev=names.get(r.oif, ""),
+        table=r.table,
+        metric=r.priority,
         family=family,
-        kind="unreachable" if r["type"] == RTN_UNREACHABLE else "unicast",
+        kind="unreachable" if r.type == RTN_UNREACHABLE else "unicast",
     )
 
 
@@ -66,110 +70,105 @@ def describe_foreign(r: Route, proto: int | None = None) -> str:
 
 
 class Netlink:
-    """One rtnetlink socket for one sync (it is bound to the thread that opened it)."""
+    """One sync's rtnetlink sockets (bound to the thread that opened them): reads go raw
+    (rtnl.Reader), changes through pyroute2, whose socket is opened only when a sync changes
+    something."""
 
     def __init__(self) -> None:
-        self.ipr = IPRoute()
+        self.reader = Reader()
+        self._ipr: IPRoute | None = None
         self.writes = 0
-        self._links: list | None = None
+        self._links: list[Link] | None = None
+
+    @property
+    def ipr(self) -> IPRoute:
+        if self._ipr is None:
+            self._ipr = IPRoute()
+        return self._ipr
 
     def close(self) -> None:
-        self.ipr.close()
+        self.reader.close()
+        if self._ipr is not None:
+            self._ipr.close()
 
     # --- observation -----------------------------------------------------------------------
-    def link_dump(self, fresh: bool = False) -> list:
+    def link_dump(self, fresh: bool = False) -> list[Link]:
         if self._links is None or fresh:
-            self._links = list(self.ipr.get_links())
+            self._links = self.reader.links()
         return self._links
 
     def links(self) -> dict[str, tuple[int, str]]:
         """name -> (index, kind); kind is "" for a device without link info (ethernet, lo)."""
-        out = {}
-        for link in self.link_dump(fresh=True):
-            info = link.get_attr("IFLA_LINKINFO")
-            kind = (info.get_attr("IFLA_INFO_KIND") if info else None) or ""
-            out[link.get_attr("IFLA_IFNAME")] = (link["index"], kind)
-        return out
+        return {link.name: (link.index, link.kind) for link in self.link_dump(fresh=True)}
 
     def tunnels(self) -> dict[str, Tunnel]:
         """Every ip6tnl with its parameters (ours or not: a foreign one may block ours)."""
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in self.link_dump()}
+        names = {link.index: link.name for link in self.link_dump()}
         out = {}
         for link in self.link_dump():
-            info = link.get_attr("IFLA_LINKINFO")
-            if not info or info.get_attr("IFLA_INFO_KIND") != "ip6tnl":
+            if link.kind != "ip6tnl":
                 continue
-            data = info.get_attr("IFLA_INFO_DATA")
-            flags = _attr(data, "IFLA_IP6TNL_FLAGS", 0)
-            name = link.get_attr("IFLA_IFNAME")
-            out[name] = Tunnel(
-                name=name,
-                local=_attr(data, "IFLA_IP6TNL_LOCAL", "::"),
-                remote=_attr(data, "IFLA_IP6TNL_REMOTE", "::"),
-                link=names.get(_attr(data, "IFLA_IP6TNL_LINK", 0), ""),
-                mtu=link.get_attr("IFLA_MTU"),
-                hop_limit=_attr(data, "IFLA_IP6TNL_TTL", 0),
-                mode=MODES.get(_attr(data, "IFLA_IP6TNL_PROTO", 0), "unknown"),
-                encap_limit="none"
-                if flags & IP6_TNL_F_IGN_ENCAP_LIMIT
-                else str(_attr(data, "IFLA_IP6TNL_ENCAP_LIMIT", 4)),
-                up=bool(link["flags"] & IFF_UP),
+            d = link.data
+            flags = u32(d.get(IFLA_IPTUN_FLAGS))
+            out[link.name] = Tunnel(
+                name=link.name,
+                local=address(socket.AF_INET6, d.get(IFLA_IPTUN_LOCAL)) or "::",
+                remote=address(socket.AF_INET6, d.get(IFLA_IPTUN_REMOTE)) or "::",
+                link=names.get(u32(d.get(IFLA_IPTUN_LINK)), ""),
+                mtu=link.mtu,
+                hop_limit=u8(d.get(IFLA_IPTUN_TTL)),
+                mode=MODES.get(u8(d.get(IFLA_IPTUN_PROTO)), "unknown"),
+                encap_limit="none" if flags & IP6_TNL_F_IGN_ENCAP_LIMIT else str(u8(d.get(IFLA_IPTUN_ENCAP_LIMIT), 4)),
+                up=bool(link.flags & IFF_UP),
             )
         return out
 
     def wan_addresses(self, wan_index: int) -> list[WanAddress]:
         out = []
-        for a in self.ipr.get_addr(family=socket.AF_INET6, index=wan_index):
-            if a["scope"] != 0:  # global only
+        for a in self.reader.addresses(socket.AF_INET6):
+            if a.index != wan_index or a.scope != 0:  # global only
                 continue
-            flags = _flags(a)
-            cache = a.get_attr("IFA_CACHEINFO")
-            preferred = cache["ifa_preferred"] if cache else 0xFFFFFFFF
             out.append(
                 WanAddress(
-                    address=a.get_attr("IFA_ADDRESS"),
-                    prefixlen=a["prefixlen"],
-                    deprecated=bool(flags & IFA_F_DEPRECATED) or preferred == 0,
-                    tentative=bool(flags & IFA_F_TENTATIVE),
-                    ours_shape=a["prefixlen"] == 128
-                    and flags & (IFA_F_NODAD | IFA_F_NOPREFIXROUTE) == (IFA_F_NODAD | IFA_F_NOPREFIXROUTE),
-                    preferred_lft=preferred,
+                    address=a.address,
+                    prefixlen=a.prefixlen,
+                    deprecated=bool(a.flags & IFA_F_DEPRECATED) or a.preferred == 0,
+                    tentative=bool(a.flags & IFA_F_TENTATIVE),
+                    ours_shape=a.prefixlen == 128
+                    and a.flags & (IFA_F_NODAD | IFA_F_NOPREFIXROUTE) == (IFA_F_NODAD | IFA_F_NOPREFIXROUTE),
+                    preferred_lft=a.preferred,
                 )
             )
         return out
 
     def addresses(self, ifname: str, index: int, family: int) -> list[Address]:
         fam = socket.AF_INET if family == 4 else socket.AF_INET6
-        return [
-            Address(ifname, a.get_attr("IFA_ADDRESS"), a["prefixlen"])
-            for a in self.ipr.get_addr(family=fam, index=index)
-        ]
+        return [Address(ifname, a.address, a.prefixlen) for a in self.reader.addresses(fam) if a.index == index]
 
     def routes(self, foreign_tables: frozenset[int] = frozenset()) -> tuple[list[Route], list[Route]]:
         """Ours (protocol 203, every table) and, in `foreign_tables`, every other IPv4 route."""
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in self.link_dump()}
+        names = {link.index: link.name for link in self.link_dump()}
         ours, foreign = [], []
         for family, fam in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
-            for r in self.ipr.get_routes(family=family):  # no table given: every table
-                if r["proto"] == RT_PROTO:
+            for r in self.reader.routes(family):  # every table
+                if r.protocol == RT_PROTO:
                     ours.append(_route(r, names, fam))
-                elif fam == 4 and _attr(r, "RTA_TABLE", r["table"]) in foreign_tables and r["type"] != 2:
-                    foreign.append(_route(r, names, fam))  # type 2 = local: never a slot of ours
+                elif fam == 4 and r.table in foreign_tables and r.type != RTN_LOCAL:
+                    foreign.append(_route(r, names, fam))  # a local route is never a slot of ours
         return ours, foreign
 
     def rules(self) -> tuple[list[RoutingRule], list[RoutingRule]]:
         """Ours (protocol 203) and the fwmark rules of others (one identical to ours blocks it)."""
         ours, foreign = [], []
-        for r in self.ipr.get_rules(family=socket.AF_INET):
-            sup = _attr(r, "FRA_SUPPRESS_PREFIXLEN", SUPPRESS_UNSET)
+        for r in self.reader.rules(socket.AF_INET):
             rule = RoutingRule(
-                priority=_attr(r, "FRA_PRIORITY", 0),
-                fwmark=_attr(r, "FRA_FWMARK", 0),
-                mask=_attr(r, "FRA_FWMASK", 0xFFFFFFFF),
-                table=_attr(r, "FRA_TABLE", r["table"]),
-                suppress_prefixlength=-1 if sup == SUPPRESS_UNSET else sup,
+                priority=r.priority,
+                fwmark=r.fwmark,
+                mask=r.mask,
+                table=r.table,
+                suppress_prefixlength=-1 if r.suppress_prefixlength == SUPPRESS_UNSET else r.suppress_prefixlength,
             )
-            if _attr(r, "FRA_PROTOCOL", 0) == RT_PROTO:
+            if r.protocol == RT_PROTO:
                 ours.append(rule)
             elif rule.fwmark:
                 foreign.append(rule)
@@ -228,7 +227,7 @@ class Netlink:
         existing = self.tunnels()
         if t.name in existing and existing[t.name].settable(t):
             return  # ours, created by an earlier try whose answer was lost
-        if t.name in {link.get_attr("IFLA_IFNAME") for link in self.link_dump()}:
+        if t.name in {link.name for link in self.link_dump()}:
             raise ConflictError(f"interface {t.name} already exists and is not mape-daemon's: set tunnel.name")
         clash = next((o for o in existing.values() if (o.local, o.remote) == (t.local, t.remote)), None)
         name = clash.name if clash else "another ip6tnl"

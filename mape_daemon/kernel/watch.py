@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 from collections.abc import Callable
 
-from .netlink import IFA_F_DEPRECATED, IFA_F_NODAD, IFA_F_NOPREFIXROUTE, IFA_F_TENTATIVE
 from .nftevents import messages
+from .rtnl import (
+    IFA_ADDRESS,
+    IFA_CACHEINFO,
+    IFA_F_DEPRECATED,
+    IFA_F_NODAD,
+    IFA_F_NOPREFIXROUTE,
+    IFA_F_TENTATIVE,
+    IFA_FLAGS,
+    IFADDRMSG,
+    attrs,
+    u32,
+)
 
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE = 0x1, 0x10, 0x40, 0x80
 RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
@@ -21,21 +31,8 @@ GROUPS = (
     RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE
 )
 RTM_NEWADDR, RTM_DELADDR = 20, 21
-IFA_ADDRESS, IFA_CACHEINFO, IFA_FLAGS = 1, 6, 8
 # Flags whose change matters to us; lifetimes are left out on purpose.
 ADDR_FLAGS = IFA_F_NODAD | IFA_F_DEPRECATED | IFA_F_TENTATIVE | IFA_F_NOPREFIXROUTE
-IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
-
-
-def _attrs(payload: bytes, off: int) -> dict[int, bytes]:
-    out = {}
-    while off + 4 <= len(payload):
-        alen, atype = struct.unpack_from("=HH", payload, off)
-        if alen < 4:
-            break
-        out[atype & 0x3FFF] = payload[off + 4 : off + alen]
-        off += (alen + 3) & ~3
-    return out
 
 
 class AddressRefreshFilter:
@@ -50,16 +47,13 @@ class AddressRefreshFilter:
         if kind not in (RTM_NEWADDR, RTM_DELADDR) or len(payload) < IFADDRMSG.size:
             return True
         _family, prefixlen, flags, _scope, index = IFADDRMSG.unpack_from(payload)
-        attrs = _attrs(payload, IFADDRMSG.size)
-        key = (index, attrs.get(IFA_ADDRESS, b""), prefixlen)
+        attrs_ = attrs(payload, IFADDRMSG.size)
+        key = (index, attrs_.get(IFA_ADDRESS, b""), prefixlen)
         if kind == RTM_DELADDR:
             self.seen.pop(key, None)
             return True
-        if len(attrs.get(IFA_FLAGS, b"")) >= 4:
-            flags = struct.unpack("=I", attrs[IFA_FLAGS][:4])[0]
-        flags &= ADDR_FLAGS
-        cache = attrs.get(IFA_CACHEINFO, b"")
-        if len(cache) >= 4 and struct.unpack("=I", cache[:4])[0] == 0:  # preferred lifetime 0
+        flags = u32(attrs_.get(IFA_FLAGS), flags) & ADDR_FLAGS
+        if u32(attrs_.get(IFA_CACHEINFO), 1) == 0:  # preferred lifetime 0
             flags |= IFA_F_DEPRECATED
         news = self.seen.get(key) != flags
         self.seen[key] = flags
