@@ -8,6 +8,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from ipaddress import IPv6Address
 
 from mape_daemon.kernel.watch import (
@@ -17,6 +18,7 @@ from mape_daemon.kernel.watch import (
     RTM_DELADDR,
     RTM_NEWADDR,
     AddressRefreshFilter,
+    subscribe,
     watch,
 )
 from tests.hostns import fresh_netns
@@ -90,3 +92,44 @@ def test_a_real_kernel_lifetime_refresh_is_dropped_and_a_removal_is_not():
         assert RTM_DELADDR in settle()
         loop.call_soon_threadsafe(task.cancel)
         runner.join(10)
+
+
+def drain(sock: socket.socket) -> list[int]:
+    """The address message types waiting on a non-blocking netlink socket (routes and links
+    come too, and always pass)."""
+    kinds = []
+    while True:
+        try:
+            data = sock.recv(1 << 16)
+        except BlockingIOError:
+            return [k for k in kinds if k in (RTM_NEWADDR, RTM_DELADDR)]
+        kinds.append(struct.unpack_from("=H", data, 4)[0])
+
+
+def test_the_kernel_drops_refreshes_before_they_wake_us_and_passes_the_rest():
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    with fresh_netns():
+        ip("link", "add", "wan0", "type", "veth", "peer", "name", "wan1")
+        ip("link", "set", "wan0", "up")
+        filtered = subscribe()
+        raw = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)
+        raw.bind((0, 0x100))  # RTMGRP_IPV6_IFADDR, unfiltered
+        a, lft = "2400:4050:1234:5600::1/64", ("valid_lft", "7200", "preferred_lft", "3600")
+        ip("-6", "addr", "add", a, "dev", "wan0", "nodad", *lft)
+        assert drain(filtered) == [RTM_NEWADDR]  # a new address (its stamps are equal)
+        drain(raw)
+        time.sleep(0.05)  # the update stamp counts hundredths of a second
+        ip("-6", "addr", "change", a, "dev", "wan0", "nodad", "valid_lft", "7000", "preferred_lft", "3000")
+        assert drain(raw) == [RTM_NEWADDR] and drain(filtered) == []  # a refresh: stopped in the kernel
+        ip("-6", "addr", "change", a, "dev", "wan0", "nodad", "valid_lft", "7000", "preferred_lft", "0")
+        assert drain(filtered) == [RTM_NEWADDR]  # deprecated
+        ip("-6", "addr", "del", a, "dev", "wan0")
+        assert drain(filtered) == [RTM_DELADDR]
+        ip("addr", "add", "192.0.2.1/24", "dev", "wan0")  # IPv4, links and routes: never filtered
+        ip("addr", "change", "192.0.2.1/24", "dev", "wan0", "valid_lft", "100", "preferred_lft", "100")
+        ip("link", "set", "wan0", "mtu", "1400")
+        assert drain(filtered).count(RTM_NEWADDR) == 2
+        filtered.close()
+        raw.close()
