@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from ipaddress import IPv4Network, IPv6Address, IPv6Network
@@ -11,7 +12,7 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network
 from . import maprules
 from .config import DEFAULT_PATH, Config, ConfigError, load
 from .errors import CannotRunHere, MapeError
-from .mapcalc import IidLayout, MapParams, MappingError, MapRule, compute
+from .mapcalc import IidLayout, MapParams, MappingError, MapRule, Nearest, compute, nearest, port_ranges
 
 EXIT_FAILURE = 1  # the kernel refused or something else went wrong at run time
 EXIT_USAGE = 2  # argparse's own code for bad arguments; also bad input to calc
@@ -119,6 +120,64 @@ def cmd_calc(args: argparse.Namespace) -> int:
         rule = maprules.bundled().match(wan, None if args.isp == "auto" else args.isp)
     params = compute(rule, wan, psid=psid, layout=layout_override)
     print(json.dumps(params_to_json(params)) if args.json else params_to_text(params))
+    return 0
+
+
+PORTS_PER_LINE = 6
+
+
+def describe_nearest(n: Nearest) -> str:
+    if n.holding is not None:
+        return f"port {n.port}: in the set (block {n.holding[0]}-{n.holding[1]})"
+    near = [f"{r[0]}-{r[1]} ({where})" for r, where in ((n.below, "below"), (n.above, "above")) if r is not None]
+    return f"port {n.port}: not in the set; nearest usable: {' and '.join(near)}"
+
+
+def ports_of(args: argparse.Namespace) -> tuple[str, str, int, tuple[tuple[int, int], ...]]:
+    """(who, IPv4, PSID, port ranges) for a PREFIX as calc maps it, or the running daemon's."""
+    if args.prefix:
+        wan = parse_wan(args.prefix)
+        if args.config:
+            isp = load(args.config).isp
+            rule, psid = isp.rule_table().match(wan, isp.isp_filter), isp.psid
+        else:
+            rule, psid = maprules.bundled().match(wan, None if args.isp == "auto" else args.isp), None
+        p = compute(rule, wan, psid=psid)
+        return maprules.ISP_NAMES.get(p.rule.isp or "", "explicit rule"), str(p.ipv4), p.psid, p.port_ranges
+    path = state_dir() / "state.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"no PREFIX given and no daemon state at {path}: give a prefix, or start the daemon") from None
+    if state.get("psid") is None:
+        raise UsageError(f"no PREFIX given and the daemon has no mapping now: {state.get('reason') or 'unknown'}")
+    ranges = port_ranges(state["psid"], state["psid_len"], state["psid_offset"])
+    return maprules.ISP_NAMES.get(state.get("isp") or "", "explicit rule"), state["ipv4"], state["psid"], ranges
+
+
+def cmd_ports(args: argparse.Namespace) -> int:
+    if args.near is not None and not 0 < args.near < 65536:
+        raise UsageError(f"--near {args.near}: a port is 1 to 65535")
+    who, ipv4, psid, ranges = ports_of(args)
+    near = nearest(ranges, args.near) if args.near is not None else None
+    if args.json:
+        out: dict = {"isp": who, "ipv4": ipv4, "psid": psid, "ports": sum(hi - lo + 1 for lo, hi in ranges),
+                     "port_ranges": [list(r) for r in ranges]}  # fmt: skip
+        if near is not None:
+            out["near"] = {"port": near.port, "in_set": near.holding is not None,
+                           **{k: list(v) if v else None for k, v in (("holding", near.holding), ("below", near.below),
+                                                                     ("above", near.above))}}  # fmt: skip
+        print(json.dumps(out))
+        return 0
+    size = ranges[0][1] - ranges[0][0] + 1
+    print(
+        f"{who} {ipv4} psid {psid}: {sum(hi - lo + 1 for lo, hi in ranges)} ports in {len(ranges)} block(s) of {size}"
+    )
+    cells = [f"{lo}-{hi}" for lo, hi in ranges]
+    for i in range(0, len(cells), PORTS_PER_LINE):
+        print("  " + "  ".join(f"{c:<11}" for c in cells[i : i + PORTS_PER_LINE]).rstrip())
+    if near is not None:
+        print(describe_nearest(near))
     return 0
 
 
@@ -230,6 +289,7 @@ EXAMPLES = {
     "run": "mape-daemon run -c /etc/mape-daemon/mape.toml   (what systemctl start mape-daemon runs)",
     "status": "mape-daemon status --json",
     "cleanup": "mape-daemon cleanup",
+    "ports": "mape-daemon ports --near 25565   (the running line's set, and the usable ports nearest 25565)",
 }
 
 
@@ -258,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calc.add_argument("--json", action="store_true", help="print one JSON object")
 
+    ports = command("ports", "which IPv4 ports this line can use: the port set, and those nearest a wanted one",
+                    cmd_ports, config=None)  # fmt: skip
+    ports.add_argument("prefix", metavar="PREFIX_OR_ADDRESS", nargs="?",
+                       help="map this WAN prefix as calc does (default: the running daemon's mapping)")  # fmt: skip
+    ports.add_argument("--isp", default="auto", choices=["auto", *maprules.ISP_NAMES], help="bundled rule table to use")
+    ports.add_argument("--near", type=int, metavar="PORT", help="the usable ports nearest this one")
+    ports.add_argument("--json", action="store_true", help="print one JSON object")
+
     check = command("check-config", "validate a config file and exit (0, or 78 naming the key)", cmd_check_config)
     check.add_argument("file", nargs="?", help="the file to check (same as -c)")
     command("plan", "print what a sync would change, change nothing", cmd_plan)
@@ -276,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # `| head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ConfigError as e:
         print(f"mape-daemon {args.command}: bad config: {e}", file=sys.stderr)
         return EXIT_CONFIG

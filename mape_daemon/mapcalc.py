@@ -7,6 +7,7 @@ its port set and its tunnel source address. Everything here is integer arithmeti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -125,6 +126,26 @@ def psid_of_port(port: int, psid_len: int, offset: int) -> int:
     """The PSID whose port set holds `port` (the inverse of `port_ranges`)."""
     m = 16 - offset - psid_len
     return (port >> m) & ((1 << psid_len) - 1)
+
+
+@dataclass(frozen=True)
+class Nearest:
+    """Where a wanted port stands in a port set: the block holding it, or the nearest below and
+    above (None where the set has none)."""
+
+    port: int
+    holding: tuple[int, int] | None
+    below: tuple[int, int] | None
+    above: tuple[int, int] | None
+
+
+def nearest(ranges: Sequence[tuple[int, int]], port: int) -> Nearest:
+    holding = next((r for r in ranges if r[0] <= port <= r[1]), None)
+    if holding is not None:
+        return Nearest(port, holding, None, None)
+    below = max((r for r in ranges if r[1] < port), default=None)
+    above = min((r for r in ranges if r[0] > port), default=None)
+    return Nearest(port, None, below, above)
 
 
 def end_user_prefix(rule: MapRule, prefix: IPv6Network | IPv6Address) -> IPv6Network:
