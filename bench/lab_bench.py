@@ -445,14 +445,18 @@ def vm_rss_floor() -> float:
     return int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout) / 1024
 
 
-def idle_rows(d: Daemon, noop_cpu: float, seconds: float = 120) -> list[dict]:
-    """CPU over a quiet spell (RAs every 3-4 s, nothing else), scaled to an hour; RSS at its end."""
-    stat = Path(f"/proc/{d.proc.pid}/stat")
-    ticks = lambda: sum(int(x) for x in stat.read_text().rsplit(")", 1)[1].split()[11:13])  # noqa: E731
+def idle_rows(d: Daemon, noop_cpu: float, seconds: float = 180) -> list[dict]:
+    """CPU over a quiet spell (RAs every 3-4 s, nothing else), scaled to an hour; RSS at its end.
+    CPU from the scheduler's own count (schedstat, nanoseconds, every thread): clock ticks are
+    too coarse for a daemon this quiet."""
+
+    def cpu_ns() -> int:
+        return sum(int((t / "schedstat").read_text().split()[0]) for t in Path(f"/proc/{d.proc.pid}/task").iterdir())
+
     time.sleep(5)  # the last repair's echo
-    c0, t0 = ticks(), time.monotonic()
+    c0, t0 = cpu_ns(), time.monotonic()
     time.sleep(seconds)
-    per_hour = (ticks() - c0) / os.sysconf("SC_CLK_TCK") * 3600 / (time.monotonic() - t0)
+    per_hour = (cpu_ns() - c0) / 1e9 * 3600 / (time.monotonic() - t0)
     rss = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{d.proc.pid}/status").read_text()).group(1)) / 1024
     floor = vm_rss_floor()
     return [
