@@ -9,6 +9,8 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from ipaddress import IPv6Address
 
 from mape_daemon.kernel.watch import (
@@ -54,13 +56,21 @@ def test_other_events_always_pass():
     assert f.is_news(RTM_NEWLINK, addr("2400::1")) and f.is_news(RTM_NEWLINK, addr("2400::1"))
 
 
-def test_a_real_kernel_lifetime_refresh_is_dropped_and_a_removal_is_not():
-    def ip(*args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True)
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
 
+
+@contextmanager
+def wan_netns() -> Iterator[None]:
+    """A fresh namespace on this machine's kernel with an up veth `wan0`."""
     with fresh_netns():
         ip("link", "add", "wan0", "type", "veth", "peer", "name", "wan1")
         ip("link", "set", "wan0", "up")
+        yield
+
+
+def test_a_real_kernel_lifetime_refresh_is_dropped_and_a_removal_is_not():
+    with wan_netns():
         seen: list[int] = []
         ready, done = threading.Event(), threading.Event()
         loop = asyncio.new_event_loop()
@@ -107,12 +117,7 @@ def drain(sock: socket.socket) -> list[int]:
 
 
 def test_the_kernel_drops_refreshes_before_they_wake_us_and_passes_the_rest():
-    def ip(*args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True)
-
-    with fresh_netns():
-        ip("link", "add", "wan0", "type", "veth", "peer", "name", "wan1")
-        ip("link", "set", "wan0", "up")
+    with wan_netns():
         filtered = subscribe()
         raw = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)
         raw.bind((0, 0x100))  # RTMGRP_IPV6_IFADDR, unfiltered
