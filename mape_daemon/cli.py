@@ -12,7 +12,7 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network
 from . import maprules
 from .config import DEFAULT_PATH, Config, ConfigError, load
 from .errors import CannotRunHere, MapeError
-from .mapcalc import IidLayout, MapParams, MappingError, MapRule, Nearest, compute, nearest, port_ranges
+from .mapcalc import IidLayout, MapParams, MappingError, MapRule, compute, nearest, port_ranges
 
 EXIT_FAILURE = 1  # the kernel refused or something else went wrong at run time
 EXIT_USAGE = 2  # argparse's own code for bad arguments; also bad input to calc
@@ -126,13 +126,6 @@ def cmd_calc(args: argparse.Namespace) -> int:
 PORTS_PER_LINE = 6
 
 
-def describe_nearest(n: Nearest) -> str:
-    if n.holding is not None:
-        return f"port {n.port}: in the set (block {n.holding[0]}-{n.holding[1]})"
-    near = [f"{r[0]}-{r[1]} ({where})" for r, where in ((n.below, "below"), (n.above, "above")) if r is not None]
-    return f"port {n.port}: not in the set; nearest usable: {' and '.join(near)}"
-
-
 def ports_of(args: argparse.Namespace) -> tuple[str, str, int, tuple[tuple[int, int], ...]]:
     """(who, IPv4, PSID, port ranges) for a PREFIX as calc maps it, or the running daemon's."""
     if args.prefix:
@@ -177,7 +170,7 @@ def cmd_ports(args: argparse.Namespace) -> int:
     for i in range(0, len(cells), PORTS_PER_LINE):
         print("  " + "  ".join(f"{c:<11}" for c in cells[i : i + PORTS_PER_LINE]).rstrip())
     if near is not None:
-        print(describe_nearest(near))
+        print(near.text())
     return 0
 
 
@@ -209,11 +202,28 @@ def config_path(args: argparse.Namespace) -> str:
     return getattr(args, "file", None) or args.config
 
 
+def check_forwards_against_running(config: Config, path) -> None:
+    """With a daemon running, a forward outside its port set is an error naming the nearest
+    usable ports (a reload would refuse it)."""
+    from . import forwards
+
+    try:
+        state = json.loads((state_dir() / "state.json").read_text())
+    except (OSError, ValueError):
+        return
+    if state.get("psid") is None:
+        return
+    ranges = port_ranges(state["psid"], state["psid_len"], state["psid_offset"])
+    if problem := forwards.check(config, ranges, f"the running line's set, {state['ipv4']} psid {state['psid']}"):
+        raise ConfigError(f"{path}: {problem}")
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = config_path(args)
     config = load(path)
     for w in config.warnings():
         print(f"{path}: warning: {w}", file=sys.stderr)
+    check_forwards_against_running(config, path)
     print(
         f"{path}: ok (WAN {config.wan.interface}, ISP {config.isp.name}, "
         f"tunnel {config.tunnel.name}, PPPoE {'on' if config.pppoe else 'off'})"

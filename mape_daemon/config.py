@@ -7,7 +7,7 @@ that ties several keys together names the key it blames, with the value and the 
 from __future__ import annotations
 
 import tomllib
-from ipaddress import IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -164,6 +164,53 @@ class SnatConfig(Model):
         return tuple(parse_port_spec(s) for s in self.reserved_ports)
 
 
+class ForwardConfig(Model):
+    """One `[[forward]]`: IPv4 arriving by the tunnel on an external port (or range) of the set,
+    sent on to a LAN host."""
+
+    name: str = ""
+    protocol: Literal["tcp", "udp"]
+    port: int | str  # external: 25952, or "25952-25967"
+    to: IPv4Address
+    to_port: int | None = Field(default=None, ge=1, le=65535)  # default: the same port
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int | str) -> int | str:
+        parse_port_spec(v)
+        return v
+
+    @field_validator("to")
+    @classmethod
+    def _host(cls, v: IPv4Address) -> IPv4Address:
+        if v.is_unspecified or v.is_multicast or v.is_loopback or v == IPv4Address("255.255.255.255"):
+            raise ValueError(f"{v} is not a LAN host")
+        return v
+
+    @model_validator(mode="after")
+    def _range_keeps_ports(self) -> ForwardConfig:
+        lo, hi = self.external
+        if hi > lo and self.to_port not in (None, lo):
+            raise key_error("to_port", f"a range ({self.port}) is forwarded to the same ports: leave to_port out")
+        return self
+
+    @property
+    def external(self) -> tuple[int, int]:
+        return parse_port_spec(self.port)
+
+    def describe(self) -> str:
+        lo, hi = self.external
+        ext = f"{lo}-{hi}" if hi > lo else str(lo)
+        to = f"{self.to}:{self.to_port}" if self.to_port and self.to_port != lo else str(self.to)
+        return f"{self.name + ' ' if self.name else ''}{self.protocol} {ext} -> {to}"
+
+
+class InboundConfig(Model):
+    # New IPv4 connections arriving by the tunnel reach only [[forward]]s (replies and ICMP errors
+    # of our own flows pass); false: the host firewall decides. Native IPv6 is never touched.
+    closed: bool = True
+
+
 class MssConfig(Model):
     clamp: bool = True
 
@@ -224,6 +271,24 @@ class Config(Model):
     firewalld: FirewalldConfig = FirewalldConfig()
     pppoe: PppoeConfig | None = None
     daemon: DaemonConfig = DaemonConfig()
+    forward: tuple[ForwardConfig, ...] = ()
+    inbound: InboundConfig = InboundConfig()
+
+    @model_validator(mode="after")
+    def _forwards_apart(self) -> Config:
+        seen: dict[tuple[str, int], int] = {}
+        for i, f in enumerate(self.forward):
+            lo, hi = f.external
+            for port in range(lo, hi + 1):
+                if (j := seen.get((f.protocol, port))) is not None:
+                    raise key_error(f"forward.{i}.port", f"{f.protocol} port {port} is also forwarded by "
+                                f"forward.{j} ({self.forward[j].describe()})")  # fmt: skip
+                seen[(f.protocol, port)] = i
+        return self
+
+    def forwarded_ranges(self) -> tuple[tuple[int, int], ...]:
+        """External ports of every forward: out of the SNAT pool, whatever the protocol."""
+        return tuple(f.external for f in self.forward)
 
     @model_validator(mode="after")
     def _names_apart(self) -> Config:

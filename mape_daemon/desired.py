@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from . import forwards
 from .config import Config
 from .mapcalc import MapParams
 from .state import NOTHING, Address, Chain, Jump, Route, RoutingRule, State, Tunnel
@@ -39,11 +40,16 @@ def pool_ranges(params: MapParams, reserved: tuple[tuple[int, int], ...]) -> lis
     return out
 
 
+def reserved(config: Config) -> tuple[tuple[int, int], ...]:
+    """Ports kept out of the SNAT pool: snat.reserved_ports and every forward's external ports."""
+    return config.snat.reserved_ranges() + config.forwarded_ranges()
+
+
 def check_pool(config: Config, params: MapParams) -> None:
-    if not pool_ranges(params, config.snat.reserved_ranges()):
+    if not pool_ranges(params, reserved(config)):
         raise EmptyPool(
-            f"snat.reserved_ports {list(config.snat.reserved_ports)} cover every port of PSID {params.psid} "
-            f"({params.ports} ports): nothing could be SNATed, so MAP-E stays off"
+            f"snat.reserved_ports {list(config.snat.reserved_ports)} and the [[forward]] ports cover every port of "
+            f"PSID {params.psid} ({params.ports} ports): nothing could be SNATed, so MAP-E stays off"
         )
 
 
@@ -96,6 +102,38 @@ def nft_table(chains: list[str]) -> str:
     return "table ip mape {\n" + "".join(chains) + "}\n"
 
 
+def inbound_chains(config: Config, params: MapParams) -> list[str]:
+    """IPv4 arriving by the tunnel: the usable forwards (DNAT), and with inbound.closed nothing
+    new but them reaches the router or the LAN (replies and ICMP errors of our flows are
+    established or related). The table is `ip`: native IPv6 is never touched."""
+    t, chains = config.tunnel.name, []
+    active, _ = forwards.split(config, params.port_ranges)
+    if active:
+        dnat = []
+        for f in active:
+            lo, hi = f.external
+            ports, to = (f"{lo}-{hi}", str(f.to)) if hi > lo else (str(lo), f"{f.to}:{f.to_port or lo}")
+            dnat.append(f'iifname "{t}" ip daddr {params.ipv4} {f.protocol} dport {ports} counter dnat to {to}')
+        chains.append(nft_chain("dnat-in", "type nat hook prerouting priority dstnat", dnat))
+    if config.inbound.closed:
+        mine = f'iifname "{t}" ct state established,related accept'
+        chains += [
+            nft_chain("in-closed", "type filter hook input priority filter", [mine, f'iifname "{t}" counter drop']),
+            nft_chain("fwd-in", "type filter hook forward priority filter",
+                      [mine, f'iifname "{t}" ct status dnat accept', f'iifname "{t}" counter drop']),
+        ]  # fmt: skip
+    return chains
+
+
+TABLE_PARTS = ((f"chain {NAT_CHAIN} ", "SNAT"), ("chain guard ", "guard"), ("chain dnat-in ", "forwards"),
+               ("chain in-closed ", "inbound closed"))  # fmt: skip
+
+
+def table_words(script: str) -> str:
+    """What our table holds, in words, for the journal and `plan`."""
+    return f"nftables table ip mape ({', '.join(w for mark, w in TABLE_PARTS if mark in script)})"
+
+
 def guard_chains(config: Config, params: MapParams) -> list[str]:
     hook = f"type filter hook postrouting priority {GUARD_PRIORITY}"
     return [
@@ -104,14 +142,10 @@ def guard_chains(config: Config, params: MapParams) -> list[str]:
     ]
 
 
-def guard_table(config: Config, params: MapParams) -> str:
-    """Our nftables table beside iptables chains: the guard alone."""
-    return nft_table(guard_chains(config, params))
-
-
-def holds_snat(script: str) -> bool:
-    """Our nftables table holds all our netfilter state (nftables backend), not the guard alone."""
-    return f"chain {NAT_CHAIN} " in script
+def guard_table(config: Config, params: MapParams) -> str | None:
+    """Our nftables table beside iptables chains: the guard, forwards and the inbound policy."""
+    chains = (guard_chains(config, params) if config.firewall.guard else []) + inbound_chains(config, params)
+    return nft_table(chains) if chains else None
 
 
 def set_mark(mask: int, mark: int, what: str = "meta mark") -> str:
@@ -162,7 +196,7 @@ def native_table(config: Config, params: MapParams, ranges: list[tuple[int, int]
     ]
     if config.firewall.guard:
         chains += guard_chains(config, params)
-    return nft_table(chains)
+    return nft_table(chains + inbound_chains(config, params))
 
 
 def build(config: Config, params: MapParams | None, links: Collection[str] = (), native: bool = False) -> State:
@@ -182,7 +216,7 @@ def build(config: Config, params: MapParams | None, links: Collection[str] = (),
     rules: set[RoutingRule] = set()
     loose_rp: set[str] = set()
 
-    ranges = pool_ranges(params, config.snat.reserved_ranges())
+    ranges = pool_ranges(params, reserved(config))
     chains = [
         Chain("nat", SNAT_CHAIN, tuple(f"-p {p} -j {SUB_CHAIN[p]}" for p in protos)),
         *(Chain("nat", SUB_CHAIN[p], snat_rules(p, ipv4, ranges)) for p in protos),
@@ -238,7 +272,7 @@ def build(config: Config, params: MapParams | None, links: Collection[str] = (),
         chains, jumps = [], []
         nft = native_table(config, params, ranges)
     else:
-        nft = guard_table(config, params) if config.firewall.guard else None
+        nft = guard_table(config, params)
     return State(
         tunnels=frozenset({tunnel}),
         addresses=frozenset(addresses),

@@ -138,6 +138,15 @@ class Nearest:
     below: tuple[int, int] | None
     above: tuple[int, int] | None
 
+    def usable(self) -> str:
+        near = [f"{r[0]}-{r[1]} ({where})" for r, where in ((self.below, "below"), (self.above, "above")) if r]
+        return f"nearest usable: {' and '.join(near)}"
+
+    def text(self) -> str:
+        if self.holding is not None:
+            return f"port {self.port}: in the set (block {self.holding[0]}-{self.holding[1]})"
+        return f"port {self.port}: not in the set; {self.usable()}"
+
 
 def nearest(ranges: Sequence[tuple[int, int]], port: int) -> Nearest:
     holding = next((r for r in ranges if r[0] <= port <= r[1]), None)

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .desired import holds_snat
+from .desired import table_words
 from .state import Address, Chain, Jump, Route, RoutingRule, State, Tunnel
 
 NetObject = Tunnel | Address | Route | RoutingRule
@@ -72,7 +72,7 @@ class NftChange:
     def __str__(self) -> str:
         if self.script is None:
             return "- nftables table ip mape"
-        return f"+ nftables table ip mape ({'SNAT, guard' if holds_snat(self.script) else 'guard'})"
+        return f"+ {table_words(self.script)}"
 
 
 @dataclass(frozen=True)

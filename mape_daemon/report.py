@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
 
-from .desired import SUB_CHAIN, holds_snat
+from .desired import SUB_CHAIN, table_words
 from .plan import Action, ConntrackCleanup, FirewallChange, NetAction, NftChange, RpFilterChange
 from .reconciler import SyncResult
 from .state import Address, Route, RoutingRule, Tunnel
@@ -110,10 +110,6 @@ def repair_lines(actions: tuple[Action, ...], deleted: int, restored: str = "res
     return out
 
 
-def table_words(script: str) -> str:
-    return "nftables table ip mape (SNAT, guard)" if holds_snat(script) else "guard table ip mape"
-
-
 def summary(actions: tuple[Action, ...]) -> str:
     """A count of what a new mapping set up, for its one line."""
     kinds: Counter[str] = Counter()
@@ -123,7 +119,7 @@ def summary(actions: tuple[Action, ...]) -> str:
         elif isinstance(a, FirewallChange):
             kinds["chain"] += len(a.replace)
         elif isinstance(a, NftChange) and a.script:
-            kinds["nftables table" if holds_snat(a.script) else "guard table"] += 1
+            kinds["nftables table"] += 1
     words = {"Tunnel": "tunnel", "Address": "address", "Route": "route", "RoutingRule": "rule", "chain": "chain"}
     return ", ".join(f"{n} {words.get(k, k)}{'es' if k == 'Address' and n > 1 else 's' if n > 1 else ''}"
                      for k, n in kinds.items())  # fmt: skip

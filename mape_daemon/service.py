@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import forwards
 from .config import Config, ConfigError, load
 from .errors import CannotRunHere, MapeError
 from .reconciler import Reconciler, SyncResult
@@ -138,6 +139,7 @@ class Service:
         self.pending: Config | None = None  # a reloaded config, swapped in between two syncs
         self.loaded_at = time.time()
         self.conflicts: tuple[str, ...] = ()
+        self.unavailable: list[str] = []  # forwards outside the port set, as said in the journal
         self.holding = False
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self.repairs: Counter[str] = Counter()
@@ -243,9 +245,25 @@ class Service:
         for c in sorted(set(self.conflicts) - set(result.conflicts)):
             log.info("conflict resolved: %s", c, extra=fields(result, "conflict", cause))
         self.conflicts = result.conflicts
+        if result.params is not None:  # while MAP-E is off, what was said stays said
+            unavailable = forwards.split(self.config, result.params.port_ranges)[1]
+            for u in sorted(set(unavailable) - set(self.unavailable)):
+                log.warning("%s; disabled until the port set holds it", u,
+                            extra=fields(result, "forward-unavailable", cause))  # fmt: skip
+            for u in sorted(set(self.unavailable) - set(unavailable)):
+                log.info("%s: usable again", u.partition(": ")[0], extra=fields(result, "forward", cause))
+            self.unavailable = unavailable
+
+    def _check_forwards(self, new: Config) -> None:
+        """A reload's forward outside the port set in use is a config error naming the nearest
+        usable ports (at start, or after a renumbering, it is disabled and reported instead)."""
+        p = self.last.params if self.last is not None else None
+        if p is not None and (problem := forwards.check(new, p.port_ranges, f"the set of {p.ipv4} psid {p.psid}")):
+            raise ConfigError(f"{self.path}: {problem}")
 
     def _write_status(self, result: SyncResult) -> None:
         p = result.params
+        active = forwards.split(self.config, p.port_ranges)[0] if p is not None else []
         write_json(self.state_dir / "state.json", {
             "pid": os.getpid(),
             "last_sync": result.started,
@@ -267,6 +285,7 @@ class Service:
             "tunnel_name": self.config.tunnel.name,
             "wan": self.config.wan.interface,
             "conflicts": list(result.conflicts),
+            "forwards": {"active": [f.describe() for f in active], "unavailable": list(self.unavailable)},
             "history": list(self.history),
             "repairs": dict(self.repairs),
             "watcher_restarts": self.watcher_restarts,
@@ -279,6 +298,7 @@ class Service:
         notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             new = load(self.path)
+            self._check_forwards(new)
         except ConfigError as e:
             running = "the config loaded at " + time.strftime("%H:%M:%S", time.localtime(self.loaded_at))
             if self.pending is not None:

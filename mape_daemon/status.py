@@ -94,6 +94,9 @@ def to_text(s: dict[str, Any]) -> str:
         lines.append(f"{proto + ':':11} {u['in_use']} of {u['of']} ports in use{full}")
     for c in s.get("conflicts", []):
         lines.append(f"CONFLICT:   {c}")
+    fw = s.get("forwards") or {}
+    lines += [f"forward:    {f}" for f in fw.get("active", [])]
+    lines += [f"DISABLED:   {u}" for u in fw.get("unavailable", [])]
     lines += manager_lines(s)
     if s.get("repairs"):
         lines.append("repairs:    " + ", ".join(f"{n} by {cause}" for cause, n in sorted(s["repairs"].items())))

@@ -77,7 +77,9 @@ def test_nftables_backend_puts_everything_in_our_table_with_one_snat_map_over_th
     assert 'iifname "lan0" ct mark and 0xffff == 0x3e8 meta mark set' in state.nft
     assert 'oifname "ppp0" masquerade' in state.nft and "chain tunnel-out" in state.nft
     plan = diff(state, NOTHING)
-    assert [str(a) for a in plan.actions if isinstance(a, NftChange)] == ["+ nftables table ip mape (SNAT, guard)"]
+    assert [str(a) for a in plan.actions if isinstance(a, NftChange)] == [
+        "+ nftables table ip mape (SNAT, guard, inbound closed)"
+    ]
     assert not any(isinstance(a, FirewallChange) for a in plan.actions)
     no_guard = desired.build(parse(PPPOE + "[firewall]\nguard = false\n"), OCN, native=True).nft
     assert no_guard is not None and "tunnel-out" not in no_guard and " snat ip to " in no_guard

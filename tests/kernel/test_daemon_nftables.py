@@ -37,10 +37,10 @@ def test_nftables_backend_ignores_iptables_flushes_and_repairs_its_table_by_even
         answer_in_set(lab, ce)
 
         sh(lab.ce, "nft", "flush", "chain", "ip", "mape", "nat-out")
-        back = "[event: nftables] nftables table ip mape (SNAT, guard) updated: it differed"
+        back = "[event: nftables] nftables table ip mape (SNAT, guard, inbound closed) updated: it differed"
         wait_for(lambda: d.logged(back), 30, "the table back, by the nf_tables event")
         sh(lab.ce, "nft", "delete", "table", "ip", "mape")
-        back = "[event: nftables] nftables table ip mape (SNAT, guard) restored: it was missing"
+        back = "[event: nftables] nftables table ip mape (SNAT, guard, inbound closed) restored: it was missing"
         wait_for(lambda: d.logged(back), 30, "the table back, by the nf_tables event")
         assert d.state()["repairs"] == {"nftables": 2}  # the periodic sync is an hour away
         assert sh(lab.ce, "nft", "-s", "list", "table", "ip", "mape") == table  # the same table, whole

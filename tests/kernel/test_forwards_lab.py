@@ -1,0 +1,84 @@
+"""Receiving IPv4 through the strict BR: [[forward]]s inside the port set reach a LAN server, the
+MAP IPv4 is closed to everything else, and a renumbering moves a forward or reports it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.kernel.test_e2e_apply import CONFIG, apply_once
+from tests.lab import traffic
+from tests.lab.daemon import Daemon
+from tests.lab.netns import call, sh, spawn
+from tests.lab.topo import LAN_SERVER, wait_for
+
+
+def forward(port: int, to_port: int = 8080) -> str:
+    return f'[[forward]]\nname = "web"\nprotocol = "tcp"\nport = {port}\nto = "{LAN_SERVER}"\nto_port = {to_port}\n'
+
+
+def reach(lab, ipv4: str, port: int, timeout: float = 3) -> str:
+    """From the internet side: the answering server's view "ip port", or an error."""
+    return call(lab.inet, traffic.tcp_sequential, ipv4, 1, port, timeout)[0]
+
+
+@pytest.mark.parametrize("backend", ["iptables-nft", "nftables"])
+def test_a_forward_is_reachable_a_router_service_is_not_and_snat_never_uses_its_port(lab, tmp_path, backend):
+    ce = lab.ce_params()
+    chain = lab.br_add_ce(ce)
+    ports = sorted(ce.ports())
+    fwd, service = ports[40], ports[80]
+    lab.pids.append(spawn(lab.lan, traffic.serve, str(tmp_path / "lan.jsonl"), LAN_SERVER, 8080))
+    lab.pids.append(spawn(lab.ce, traffic.serve, str(tmp_path / "router.jsonl"), "0.0.0.0", service))
+    text = CONFIG + f'[firewall]\nbackend = "{backend}"\n' + forward(fwd)
+    apply_once(lab, tmp_path, text)
+
+    answer = reach(lab, ce.ipv4, fwd)
+    assert not answer.startswith("error"), answer  # through the BR, DNATed to the LAN server
+    assert reach(lab, ce.ipv4, service).startswith("error")  # the router's own service: closed
+    # Every port of the set but the forwarded one, by as many outbound connections as the pool holds.
+    outbound = call(lab.lan, traffic.tcp_concurrent, "203.0.113.10", len(ports) - 1, 80, 60)
+    used = {int(a.split()[1]) for a in outbound if not a.startswith("error")}
+    assert fwd not in used and len(used) >= len(ports) - 5  # (a port-clash retry or three may fail)
+    assert lab.br_dropped(chain) == 0
+
+    apply_once(lab, tmp_path, text + "[inbound]\nclosed = false\n")
+    assert not reach(lab, ce.ipv4, service).startswith("error")  # opened on request
+    assert not reach(lab, ce.ipv4, fwd).startswith("error")
+
+
+def test_native_ipv6_is_never_closed(lab, tmp_path):
+    apply_once(lab, tmp_path, CONFIG + '[firewall]\nbackend = "nftables"\n')
+    table = sh(lab.ce, "nft", "list", "table", "ip", "mape")
+    assert "chain in-closed" in table
+    assert "ip6" not in sh(lab.ce, "nft", "list", "tables").replace("ip mape", "")
+
+
+def test_renumbering_moves_a_forward_with_the_set_or_reports_it(lab, tmp_path):
+    ce = lab.ce_params()
+    lab.br_add_ce(ce)
+    port = sorted(ce.ports())[40]
+    lab.pids.append(spawn(lab.lan, traffic.serve, str(tmp_path / "lan.jsonl"), LAN_SERVER, 8080))
+    d = Daemon(lab, tmp_path, CONFIG + forward(port) + "[daemon]\nhold_down = 0\n").start()
+    try:
+        wait_for(d.synced_by_me, 180, "the first sync")
+        assert not reach(lab, ce.ipv4, port).startswith("error")
+
+        lab.renumber("2400:4050:2234:5600::/64")  # the same PSID, another IPv4: the forward follows
+        moved = lab.ce_params()
+        assert moved.ipv4 != ce.ipv4 and port in moved.ports()
+        lab.br_add_ce(moved)
+        wait_for(lambda: d.state().get("ipv4") == moved.ipv4, 60, "the new mapping")
+        wait_for(lambda: not reach(lab, moved.ipv4, port).startswith("error"), 30, "the forward")
+        assert d.state()["forwards"]["active"] == [f"web tcp {port} -> {LAN_SERVER}:8080"]
+
+        lab.renumber("2400:4050:2234:9a00::/64")  # another PSID: none of the old ports
+        other = lab.ce_params()
+        assert port not in other.ports()
+        lab.br_add_ce(other)
+        wait_for(lambda: d.state().get("ipv4") == other.ipv4, 60, "the new mapping")
+        state = d.state()
+        assert state["forwards"]["active"] == [] and f"tcp {port} is outside" in state["forwards"]["unavailable"][0]
+        assert f"web tcp {port} -> {LAN_SERVER}:8080: tcp {port} is outside this line's port set" in d.text()
+        assert "chain dnat-in" not in sh(lab.ce, "nft", "list", "table", "ip", "mape")  # no DNAT that cannot work
+    finally:
+        d.stop()
