@@ -116,12 +116,13 @@ def inbound_chains(config: Config, params: MapParams) -> list[str]:
             dnat.append(f'iifname "{t}" ip daddr {params.ipv4} {f.protocol} dport {ports} counter dnat to {to}')
         chains.append(nft_chain("dnat-in", "type nat hook prerouting priority dstnat", dnat))
     if config.inbound.closed:
-        mine = f'iifname "{t}" ct state established,related accept'
+        # A forward may name the router itself (its LAN address): DNATed, it passes the input hook too.
+        rules = [f'iifname "{t}" ct state established,related accept', f'iifname "{t}" ct status dnat accept',
+                 f'iifname "{t}" counter drop']  # fmt: skip
         chains += [
-            nft_chain("in-closed", "type filter hook input priority filter", [mine, f'iifname "{t}" counter drop']),
-            nft_chain("fwd-in", "type filter hook forward priority filter",
-                      [mine, f'iifname "{t}" ct status dnat accept', f'iifname "{t}" counter drop']),
-        ]  # fmt: skip
+            nft_chain("in-closed", "type filter hook input priority filter", rules),
+            nft_chain("fwd-in", "type filter hook forward priority filter", rules),
+        ]
     return chains
 
 

@@ -75,8 +75,11 @@ def test_dnat_for_usable_forwards_and_their_ports_never_in_the_snat_pool(native)
 def test_inbound_closed_by_default_and_open_when_asked():
     closed = desired.build(parse(BASE), OCN, native=True).nft
     assert "chain in-closed {\n\t\ttype filter hook input priority filter;" in closed
-    assert '\t\tiifname "ip6tnl1" ct state established,related accept\n\t\tiifname "ip6tnl1" counter drop' in closed
-    assert 'iifname "ip6tnl1" ct status dnat accept' in closed  # forwards pass the forward hook
+    rules = (
+        '\t\tiifname "ip6tnl1" ct state established,related accept\n\t\tiifname "ip6tnl1" ct status dnat accept\n'
+        '\t\tiifname "ip6tnl1" counter drop\n'
+    )  # forwards pass, to the LAN or to the router itself
+    assert closed.count(rules) == 2 and "chain fwd-in {\n\t\ttype filter hook forward priority filter;" in closed
     assert closed.startswith("table ip mape {")  # IPv4 only: native IPv6 is never touched
     opened = desired.build(parse(BASE + "[inbound]\nclosed = false\n"), OCN, native=True).nft
     assert "in-closed" not in opened and "fwd-in" not in opened

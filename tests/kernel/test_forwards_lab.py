@@ -9,7 +9,7 @@ from tests.kernel.test_e2e_apply import CONFIG, apply_once
 from tests.lab import traffic
 from tests.lab.daemon import Daemon
 from tests.lab.netns import call, sh, spawn
-from tests.lab.topo import LAN_SERVER, wait_for
+from tests.lab.topo import LAN_GW, LAN_SERVER, SERVER, wait_for
 
 
 def forward(port: int, to_port: int = 8080) -> str:
@@ -29,16 +29,22 @@ def test_a_forward_is_reachable_a_router_service_is_not_and_snat_never_uses_its_
     fwd, service = ports[40], ports[80]
     lab.pids.append(spawn(lab.lan, traffic.serve, str(tmp_path / "lan.jsonl"), LAN_SERVER, 8080))
     lab.pids.append(spawn(lab.ce, traffic.serve, str(tmp_path / "router.jsonl"), "0.0.0.0", service))
+    to_router = ports[120]
     text = CONFIG + f'[firewall]\nbackend = "{backend}"\n' + forward(fwd)
     apply_once(lab, tmp_path, text)
 
     answer = reach(lab, ce.ipv4, fwd)
     assert not answer.startswith("error"), answer  # through the BR, DNATed to the LAN server
     assert reach(lab, ce.ipv4, service).startswith("error")  # the router's own service: closed
-    # Every port of the set but the forwarded one, by as many outbound connections as the pool holds.
-    outbound = call(lab.lan, traffic.tcp_concurrent, "203.0.113.10", len(ports) - 1, 80, 60)
+    text += f'[[forward]]\nprotocol = "tcp"\nport = {to_router}\nto = "{LAN_GW}"\nto_port = {service}\n'
+    apply_once(lab, tmp_path, text)
+    assert not reach(lab, ce.ipv4, to_router).startswith("error")  # a forward to the router opens it
+    assert reach(lab, ce.ipv4, service).startswith("error")  # and nothing else
+    # Every port of the set but the forwarded ones, by as many outbound connections as the pool holds.
+    outbound = call(lab.lan, traffic.tcp_concurrent, SERVER, len(ports) - 2, 80, 60)
     used = {int(a.split()[1]) for a in outbound if not a.startswith("error")}
-    assert fwd not in used and len(used) >= len(ports) - 5  # (a port-clash retry or three may fail)
+    # (a port-clash retry or three may fail)
+    assert fwd not in used and to_router not in used and len(used) >= len(ports) - 6
     assert lab.br_dropped(chain) == 0
 
     apply_once(lab, tmp_path, text + "[inbound]\nclosed = false\n")
