@@ -238,10 +238,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     with reconciler.kernel.session():
         computed = reconciler.compute()
     print(describe_selection(computed))
-    for c in computed.conflicts:
-        print(f"conflict: {c}")
+    print_notes(reconciler.config, computed)
     print(computed.plan)
     return 0
+
+
+def print_notes(config: Config | None, result_or_computed) -> None:
+    """Conflicts, and forwards the current port set cannot hold."""
+    from . import forwards
+
+    for c in result_or_computed.conflicts:
+        print(f"conflict: {c}")
+    p = result_or_computed.selection.params
+    if config is not None and p is not None:
+        for u in forwards.split(config, p.port_ranges)[1]:
+            print(f"disabled: {u}")
 
 
 def _apply(args: argparse.Namespace, config: Config | None, teardown: bool) -> int:
@@ -251,8 +262,7 @@ def _apply(args: argparse.Namespace, config: Config | None, teardown: bool) -> i
         result = make_reconciler(config, RecordFile(state_dir())).sync(teardown=teardown)
     if not teardown:
         print(describe_selection(result))
-    for c in result.conflicts:
-        print(f"conflict: {c}")
+    print_notes(config, result)
     print(result.plan)
     if result.error is not None:
         done = f"{result.applied} of {len(result.plan.actions)} changes applied"

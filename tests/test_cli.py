@@ -14,7 +14,7 @@ from mape_daemon.cli import EXAMPLES, build_parser
 from tests.hostns import fresh_netns
 
 GOOD = '[wan]\ninterface = "wan0"\n[firewall]\nbackend = "iptables-nft"\n'
-COMMANDS = ["calc", "check-config", "plan", "apply", "run", "status", "cleanup"]
+COMMANDS = ["calc", "check-config", "plan", "apply", "run", "status", "cleanup", "ports"]
 
 
 def mape(*args: str, ns: str | None = None, state=None) -> subprocess.CompletedProcess:

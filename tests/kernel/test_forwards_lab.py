@@ -31,7 +31,8 @@ def test_a_forward_is_reachable_a_router_service_is_not_and_snat_never_uses_its_
     lab.pids.append(spawn(lab.ce, traffic.serve, str(tmp_path / "router.jsonl"), "0.0.0.0", service))
     to_router = ports[120]
     text = CONFIG + f'[firewall]\nbackend = "{backend}"\n' + forward(fwd)
-    apply_once(lab, tmp_path, text)
+    out = apply_once(lab, tmp_path, text + forward(25565).replace('"web"', '"mc"'))
+    assert "disabled: forward mc tcp 25565 -> 192.168.1.20:8080: tcp 25565 is outside this line's port set" in out
 
     answer = reach(lab, ce.ipv4, fwd)
     assert not answer.startswith("error"), answer  # through the BR, DNATed to the LAN server
