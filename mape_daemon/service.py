@@ -256,9 +256,13 @@ class Service:
 
     def _check_forwards(self, new: Config) -> None:
         """A reload's forward outside the port set in use is a config error naming the nearest
-        usable ports (at start, or after a renumbering, it is disabled and reported instead)."""
+        usable ports (at start, or after a renumbering, it is disabled and reported instead). A
+        reload that changes the WAN or the ISP changes the set too: its forwards are judged after."""
         p = self.last.params if self.last is not None else None
-        if p is not None and (problem := forwards.check(new, p.port_ranges, f"the set of {p.ipv4} psid {p.psid}")):
+        same_set = (new.wan.interface, new.isp) == (self.config.wan.interface, self.config.isp)
+        if p is None or not same_set:
+            return
+        if problem := forwards.check(new, p.port_ranges, f"the set of {p.ipv4} psid {p.psid}"):
             raise ConfigError(f"{self.path}: {problem}")
 
     def _write_status(self, result: SyncResult) -> None:
