@@ -39,7 +39,7 @@ def split(config: Config, ranges: Sequence[tuple[int, int]]) -> tuple[list[Forwa
 
 
 def check(config: Config, ranges: Sequence[tuple[int, int]], what: str) -> str | None:
-    """The first forward outside the set as a config error (key, problem), or None."""
+    """The first forward outside the set as one config error line naming its key, or None."""
     for i, f in enumerate(config.forward):
         if (reason := why_not(f, ranges)) is not None:
             return f"forward.{i}.port: {reason} ({what})"
