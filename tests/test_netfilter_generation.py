@@ -4,6 +4,7 @@ reused while the nf_tables ruleset generation stands still (host kernel, fresh n
 from __future__ import annotations
 
 import subprocess
+import time
 
 from mape_daemon.kernel import LinuxKernel
 from mape_daemon.kernel.netfilter_iptc import IptcChains
@@ -71,3 +72,27 @@ def test_legacy_chains_are_read_every_time_they_move_no_generation():
             assert kernel.observe(QUERY).chains == frozenset()
             run("iptables-legacy", "-t", "nat", "-N", "MAPE-SNAT-TCP")
             assert {c.name for c in kernel.observe(QUERY).chains} == {"MAPE-SNAT-TCP"}
+
+
+def test_a_commit_is_announced_with_its_generation_and_the_committing_pid():
+    import asyncio
+    import threading
+
+    from mape_daemon.kernel.nftevents import current_generation, watch
+
+    with fresh_netns():
+        seen: list[tuple[int, int | None]] = []
+        ready = threading.Event()
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(watch(lambda gen, pid: seen.append((gen, pid)), ready.set))
+        runner = threading.Thread(target=lambda: loop.run_until_complete(asyncio.wait([task])), daemon=True)
+        runner.start()
+        assert ready.wait(10)
+        proc = subprocess.Popen(["nft", "add", "table", "inet", "someone-else"])
+        assert proc.wait(10) == 0
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        loop.call_soon_threadsafe(task.cancel)
+        runner.join(10)
+        assert seen == [(current_generation(), proc.pid)]

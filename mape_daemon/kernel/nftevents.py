@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+
+from .rtnl import HEADER, attrs, messages
 
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
@@ -20,33 +22,14 @@ NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 15, 16
 NFTA_GEN_ID, NFTA_GEN_PROC_PID = 1, 2
 NLM_F_REQUEST = 0x1
-NLMSG_ERROR = 2
 NEWGEN = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN
-HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
 NFGEN = 4  # nfgenmsg: family, version, res_id (network order)
 
 
-def messages(data: bytes) -> Iterator[tuple[int, bytes]]:
-    off = 0
-    while off + HEADER.size <= len(data):
-        length, kind, _flags, _seq, _pid = HEADER.unpack_from(data, off)
-        if length < HEADER.size:
-            break
-        yield kind, data[off + HEADER.size : off + length]
-        off += (length + 3) & ~3
-
-
 def _u32(payload: bytes, attr: int) -> int | None:
-    """A big-endian u32 attribute of an NFT_MSG_NEWGEN payload (after its nfgenmsg)."""
-    off = NFGEN
-    while off + 4 <= len(payload):
-        alen, atype = struct.unpack_from("=HH", payload, off)
-        if alen < 4:
-            return None
-        if atype & 0x3FFF == attr and alen >= 8:
-            return struct.unpack_from("!I", payload, off + 4)[0]
-        off += (alen + 3) & ~3
-    return None
+    """A big-endian u32 attribute of an nf_tables GEN message (after its nfgenmsg), if given."""
+    value = attrs(payload, NFGEN).get(attr)
+    return struct.unpack("!I", value[:4])[0] if value is not None and len(value) >= 4 else None
 
 
 def generation_of(payload: bytes) -> int | None:
@@ -61,7 +44,7 @@ def current_generation() -> int | None:
             body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
             s.send(HEADER.pack(HEADER.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
                                NLM_F_REQUEST, 1, 0) + body)  # fmt: skip
-            for kind, payload in messages(s.recv(8192)):
+            for kind, _flags, _seq, payload in messages(s.recv(8192)):
                 if kind == NEWGEN:
                     return generation_of(payload)
     except OSError:
@@ -81,7 +64,7 @@ async def watch(trigger: Callable[[int, int | None], None], bound: Callable[[], 
         loop = asyncio.get_running_loop()
         while True:
             data = await loop.sock_recv(sock, 1 << 16)
-            for kind, payload in messages(data):
+            for kind, _flags, _seq, payload in messages(data):
                 if kind == NEWGEN and (gen := generation_of(payload)) is not None:
                     trigger(gen, _u32(payload, NFTA_GEN_PROC_PID))
     finally:

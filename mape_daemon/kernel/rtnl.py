@@ -31,6 +31,17 @@ FRA_PRIORITY, FRA_FWMARK, FRA_SUPPRESS_PREFIXLEN, FRA_TABLE, FRA_FWMASK, FRA_PRO
 MSG_TRUNC = 0x20
 
 
+def messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+    """(type, flags, seq, payload) of each netlink message in one datagram."""
+    off = 0
+    while off + HEADER.size <= len(data):
+        length, kind, flags, seq, _pid = HEADER.unpack_from(data, off)
+        if length < HEADER.size:
+            break
+        yield kind, flags, seq, data[off + HEADER.size : off + length]
+        off += (length + 3) & ~3
+
+
 def attrs(data: bytes, off: int = 0) -> dict[int, bytes]:
     """The attributes from `off` on, by type (the nested and byte-order bits masked off)."""
     out = {}
@@ -123,13 +134,7 @@ class Reader:
             data, _, flags, _ = self.sock.recvmsg(1 << 17)
             if flags & MSG_TRUNC:
                 raise RetryableError("reading the kernel: a netlink message did not fit the buffer")
-            off = 0
-            while off + HEADER.size <= len(data):
-                length, mtype, mflags, seq, _pid = HEADER.unpack_from(data, off)
-                if length < HEADER.size:
-                    break
-                payload = data[off + HEADER.size : off + length]
-                off += (length + 3) & ~3
+            for mtype, mflags, seq, payload in messages(data):
                 if seq != self.seq:
                     continue
                 interrupted |= bool(mflags & NLM_F_DUMP_INTR)

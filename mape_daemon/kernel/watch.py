@@ -13,7 +13,6 @@ import socket
 import struct
 from collections.abc import Callable
 
-from .nftevents import messages
 from .rtnl import (
     IFA_ADDRESS,
     IFA_CACHEINFO,
@@ -24,6 +23,7 @@ from .rtnl import (
     IFA_FLAGS,
     IFADDRMSG,
     attrs,
+    messages,
     u32,
 )
 
@@ -127,7 +127,7 @@ async def watch(
         loop = asyncio.get_running_loop()
         while True:
             data = await loop.sock_recv(sock, 1 << 16)
-            for kind, payload in messages(data):
+            for kind, _flags, _seq, payload in messages(data):
                 if news.is_news(kind, payload):
                     trigger(kind)
     finally:
