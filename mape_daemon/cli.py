@@ -104,6 +104,30 @@ def params_to_text(p: MapParams) -> str:
     return "\n".join(lines)
 
 
+def rule_for(wan: IPv6Network | IPv6Address, args: argparse.Namespace) -> tuple[MapRule, int | None]:
+    """The rule a PREFIX maps by, and the PSID it provisions: the config's [isp] (an explicit
+    rule too, as the daemon maps) when -c is given and --isp is auto, else the bundled tables."""
+    if args.config and args.isp == "auto":
+        isp = load(args.config).isp
+        return isp.rule_table().match(wan, isp.isp_filter), isp.psid
+    return maprules.bundled().match(wan, None if args.isp == "auto" else args.isp), None
+
+
+def running_state() -> dict | None:
+    """The running daemon's state file, or None when there is none (or it cannot be read)."""
+    try:
+        return json.loads((state_dir() / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def running_set(state: dict) -> tuple[tuple[int, int], ...] | None:
+    """The port set of the daemon's mapping now, or None while it has none."""
+    if state.get("psid") is None:
+        return None
+    return port_ranges(state["psid"], state["psid_len"], state["psid_offset"])
+
+
 def cmd_calc(args: argparse.Namespace) -> int:
     wan = parse_wan(args.prefix)
     layout_override = IidLayout(args.iid) if args.iid else None
@@ -112,12 +136,9 @@ def cmd_calc(args: argparse.Namespace) -> int:
         if args.isp != "auto":
             raise UsageError("give --rule or --isp, not both")
         rule = parse_rule(args.rule, layout_override or IidLayout.RFC7597, args.psid_len)
-    elif args.config and args.isp == "auto":  # the config's ISP or explicit rule, as the daemon maps
-        isp = load(args.config).isp
-        rule = isp.rule_table().match(wan, isp.isp_filter)
-        psid = isp.psid if psid is None else psid
     else:
-        rule = maprules.bundled().match(wan, None if args.isp == "auto" else args.isp)
+        rule, provisioned = rule_for(wan, args)
+        psid = provisioned if psid is None else psid
     params = compute(rule, wan, psid=psid, layout=layout_override)
     print(json.dumps(params_to_json(params)) if args.json else params_to_text(params))
     return 0
@@ -130,21 +151,16 @@ def ports_of(args: argparse.Namespace) -> tuple[str, str, int, tuple[tuple[int, 
     """(who, IPv4, PSID, port ranges) for a PREFIX as calc maps it, or the running daemon's."""
     if args.prefix:
         wan = parse_wan(args.prefix)
-        if args.config:
-            isp = load(args.config).isp
-            rule, psid = isp.rule_table().match(wan, isp.isp_filter), isp.psid
-        else:
-            rule, psid = maprules.bundled().match(wan, None if args.isp == "auto" else args.isp), None
+        rule, psid = rule_for(wan, args)
         p = compute(rule, wan, psid=psid)
         return maprules.ISP_NAMES.get(p.rule.isp or "", "explicit rule"), str(p.ipv4), p.psid, p.port_ranges
-    path = state_dir() / "state.json"
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise UsageError(f"no PREFIX given and no daemon state at {path}: give a prefix, or start the daemon") from None
-    if state.get("psid") is None:
+    state = running_state()
+    if state is None:
+        path = state_dir() / "state.json"
+        raise UsageError(f"no PREFIX given and no daemon state at {path}: give a prefix, or start the daemon")
+    ranges = running_set(state)
+    if ranges is None:
         raise UsageError(f"no PREFIX given and the daemon has no mapping now: {state.get('reason') or 'unknown'}")
-    ranges = port_ranges(state["psid"], state["psid_len"], state["psid_offset"])
     return maprules.ISP_NAMES.get(state.get("isp") or "", "explicit rule"), state["ipv4"], state["psid"], ranges
 
 
@@ -207,13 +223,10 @@ def check_forwards_against_running(config: Config, path) -> None:
     usable ports (a reload would refuse it)."""
     from . import forwards
 
-    try:
-        state = json.loads((state_dir() / "state.json").read_text())
-    except (OSError, ValueError):
+    state = running_state()
+    ranges = running_set(state) if state is not None else None
+    if ranges is None:
         return
-    if state.get("psid") is None:
-        return
-    ranges = port_ranges(state["psid"], state["psid_len"], state["psid_offset"])
     if problem := forwards.check(config, ranges, f"the running line's set, {state['ipv4']} psid {state['psid']}"):
         raise ConfigError(f"{path}: {problem}")
 
