@@ -133,3 +133,20 @@ def test_check_config_refuses_a_forward_outside_the_running_set(tmp_path, monkey
     assert "nearest usable: 24928-24943 (below) and 25952-25967 (above)" in capsys.readouterr().err
     cfg.write_text(BASE + fwd("udp", 25960))
     assert cli.main(["check-config", str(cfg)]) == 0
+
+
+def test_a_forward_comes_back_by_itself_when_the_set_holds_it_again(svc, tmp_path, caplog):
+    assert asyncio.run(svc.sync_once("start"))
+    k = svc.kernel
+    k.deprecate_all()
+    k.slaac("2400:4050:1234:9a00:5054:ff:fe12:3456")  # another PSID: the forward is out
+    assert asyncio.run(svc.sync_once("event"))
+    k.deprecate_all()
+    k.slaac(SLAAC)  # the old prefix announced again: PSID 22, the forward's port is back in the set
+    with caplog.at_level(logging.INFO, "mape-daemon"):
+        assert asyncio.run(svc.sync_once("event"))
+    back = [r.getMessage() for r in caplog.records if getattr(r, "MAPE_EVENT", "") == "forward"]
+    assert back == ["forward mc tcp 25952 -> 192.168.1.20: usable again"]
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["forwards"] == {"active": ["mc tcp 25952 -> 192.168.1.20"], "unavailable": []}
+    assert "dport 25952 counter dnat to 192.168.1.20:25952" in k.nft
