@@ -42,7 +42,7 @@ def test_nftables_backend_ignores_iptables_flushes_and_repairs_its_table_by_even
         sh(lab.ce, "nft", "delete", "table", "ip", "mape")
         back = "[event: nftables] nftables table ip mape (SNAT, guard, inbound closed) restored: it was missing"
         wait_for(lambda: d.logged(back), 30, "the table back, by the nf_tables event")
-        assert d.state()["repairs"] == {"nftables": 2}  # the periodic sync is an hour away
+        d.wait_state("repairs", {"nftables": 2})  # the periodic sync is an hour away
         assert sh(lab.ce, "nft", "-s", "list", "table", "ip", "mape") == table  # the same table, whole
         answer_in_set(lab, ce)
         assert lab.br_dropped(chain) == 0

@@ -39,7 +39,7 @@ def test_an_overflowed_netlink_socket_is_resubscribed_and_tampering_still_repair
         back = "tunnel ip6tnl1 recreated with its addresses and routes: it was missing"
         wait_for(lambda: back in d.text(), 60, "the tunnel back, by event")
         assert tunnel_local(lab) == ce.ce_draft03
-        assert d.state()["repairs"] == {"netlink": 1}  # by the rtnetlink event, not by the periodic sync
+        d.wait_state("repairs", {"netlink": 1})  # by the rtnetlink event, not by the periodic sync
     finally:
         assert d.stop() == 0, d.text()
     assert "Traceback" not in d.text()

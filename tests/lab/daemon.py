@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .netns import popen
+from .topo import wait_for
 
 
 class Daemon:
@@ -34,6 +35,13 @@ class Daemon:
             return json.loads((self.dir / "run" / "state.json").read_text())
         except (OSError, ValueError):
             return {}
+
+    def wait_state(self, key: str, want, timeout: float = 30) -> None:
+        """The state file says `key` is `want`: it is written after the sync's log lines."""
+        try:
+            wait_for(lambda: self.state().get(key) == want, timeout, f"state {key} == {want!r}")
+        except TimeoutError as e:
+            raise AssertionError(f"{e}; it is {self.state().get(key)!r}") from None
 
     def synced_by_me(self) -> bool:
         """This process's own sync is in the state file (not its killed predecessor's)."""
