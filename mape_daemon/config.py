@@ -6,6 +6,7 @@ that ties several keys together names the key it blames, with the value and the 
 
 from __future__ import annotations
 
+import shlex
 import tomllib
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
@@ -211,6 +212,39 @@ class InboundConfig(Model):
     closed: bool = True
 
 
+class UpnpConfig(Model):
+    # A miniupnpd config kept in step with the mapping (see upnp.py and the README's "UPnP").
+    enabled: bool = False
+    base: Path = Field(default=Path("/etc/miniupnpd/miniupnpd.conf"), description="your miniupnpd settings")
+    file: Path = Field(default=Path("/run/mape-daemon/miniupnpd.conf"), description="what miniupnpd reads (-f)")
+    # --no-block: miniupnpd.service starts After= us, so a waiting restart would wait on our own start.
+    restart: str = Field(default="systemctl --no-block try-restart miniupnpd.service", min_length=1)
+
+    @field_validator("base", "file")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        if not v.is_absolute():
+            raise ValueError(f"{str(v)!r} is not an absolute path")
+        return v
+
+    @field_validator("restart")
+    @classmethod
+    def _command(cls, v: str) -> str:
+        try:
+            words = shlex.split(v)
+        except ValueError as e:
+            raise ValueError(f"{v!r} is not a command line: {e}") from None
+        if not words:
+            raise ValueError("empty command")
+        return v
+
+    @model_validator(mode="after")
+    def _apart(self) -> UpnpConfig:
+        if self.base == self.file:
+            raise key_error("file", f"{str(self.file)!r} is also upnp.base: we rewrite it, so it cannot hold yours")
+        return self
+
+
 class MssConfig(Model):
     clamp: bool = True
 
@@ -273,6 +307,7 @@ class Config(Model):
     daemon: DaemonConfig = DaemonConfig()
     forward: tuple[ForwardConfig, ...] = ()
     inbound: InboundConfig = InboundConfig()
+    upnp: UpnpConfig = UpnpConfig()
 
     @model_validator(mode="after")
     def _forwards_apart(self) -> Config:
@@ -308,9 +343,13 @@ class Config(Model):
         return tuple(dict.fromkeys((*self.lan.interfaces, *extra)))
 
     def warnings(self) -> list[str]:
+        out = []
         if self.pppoe and self.pppoe.lan_interfaces:
-            return ["pppoe.lan_interfaces is deprecated: move the names to [lan] interfaces"]
-        return []
+            out.append("pppoe.lan_interfaces is deprecated: move the names to [lan] interfaces")
+        if self.upnp.enabled and not self.upnp.base.is_file():
+            out.append(f"upnp.base {self.upnp.base} does not exist: install miniupnpd, or point upnp.base at "
+                       "your miniupnpd settings (its listening_ip at least)")  # fmt: skip
+        return out
 
 
 # Parts of a pydantic error location that name a union member, not a key.

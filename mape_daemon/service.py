@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import forwards
+from . import forwards, upnp
 from .config import Config, ConfigError, load
 from .errors import CannotRunHere, MapeError
 from .reconciler import Reconciler, SyncResult
@@ -42,6 +42,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 69, 78
 HISTORY = 20  # changes kept for `status`
 WATCHER_BACKOFF_MAX = 60.0
 FULL_CHECK, FULL_CHECK_LEGACY = 900.0, 60.0  # default sync_interval (see full_check_period)
+UPNP_RETRY = 60.0  # seconds before a failed miniupnpd update is tried again
 OVERFLOW_SAY_EVERY = 60.0  # a storm of route events (a BGP table loading) says so once a minute
 
 
@@ -148,6 +149,8 @@ class Service:
         self.watcher_restarts = 0
         self.exit_code = EXIT_OK
         self.overflows: Counter[str] = Counter()  # since the last line that said so, per source
+        self.miniupnpd = upnp.Miniupnpd()
+        self.upnp_problem: str | None = None
         self.overflow_said: dict[str, float] = {}
         self.own_generation: int | None = None  # the nf_tables generation our last sync left
         self.firewalld: Any = None  # what firewalld says of the tunnel (kernel.firewalld.ZoneState)
@@ -214,6 +217,8 @@ class Service:
             self.runner.stop()
         if result.recheck_in is not None:
             self.runner.wake_in(result.recheck_in)
+        if result.params is not None or result.error is None:  # not when the kernel could not be read
+            await self._upnp(result, cause)
         self._write_status(result)
         if result.ok and (not self.ready or reloaded is not None):
             self.ready = True
@@ -253,6 +258,21 @@ class Service:
             for u in sorted(set(self.unavailable) - set(unavailable)):
                 log.info("%s: usable again", u.partition(": ")[0], extra=fields(result, "forward", cause))
             self.unavailable = unavailable
+
+    async def _upnp(self, result: SyncResult, cause: str, stopping: bool = False) -> None:
+        p = None if stopping else result.params
+        mapping = upnp.Mapping(p.ipv4, p.port_ranges) if p is not None else None
+        try:
+            said = await asyncio.to_thread(self.miniupnpd.update, self.config, mapping)
+        except upnp.UpnpError as e:
+            if str(e) != self.upnp_problem:  # once, not at every retry
+                log.error("%s (retrying)", e, extra=fields(result, "upnp", cause))
+            self.upnp_problem = str(e)
+            self.runner.wake_in(UPNP_RETRY)
+            return
+        self.upnp_problem = None
+        if said:
+            log.info("%s", said, extra=fields(result, "upnp", cause))
 
     def _check_forwards(self, new: Config) -> None:
         """A reload's forward outside the port set in use is a config error naming the nearest
@@ -294,6 +314,8 @@ class Service:
             "repairs": dict(self.repairs),
             "watcher_restarts": self.watcher_restarts,
             "firewalld": None if self.firewalld is None else dataclasses.asdict(self.firewalld),
+            "upnp": {"file": str(self.config.upnp.file), "offering": self.miniupnpd.offering,
+                     "problem": self.upnp_problem} if self.config.upnp.enabled else None,
             "config_loaded_at": self.loaded_at,
         })  # fmt: skip
 
@@ -445,6 +467,7 @@ class Service:
                       extra=fields(result, "stop", "stop"))  # fmt: skip
             return EXIT_FAILURE
         log.info("stopped: removed %d object(s) of ours", result.applied, extra=fields(result, "stop", "stop"))
+        await self._upnp(result, "stop", stopping=True)  # miniupnpd's file goes with the tunnel
         return EXIT_OK
 
 

@@ -97,6 +97,10 @@ def to_text(s: dict[str, Any]) -> str:
     fw = s.get("forwards") or {}
     lines += [f"forward:    {f}" for f in fw.get("active", [])]
     lines += [f"DISABLED:   {u}" for u in fw.get("unavailable", [])]
+    if (u := s.get("upnp")) is not None:
+        offer = f"grants ports of {u['offering']}'s set" if u["offering"] else "refuses every request (no mapping)"
+        lines.append(f"UPnP:       miniupnpd FAILING: {u['problem']}" if u["problem"] else
+                     f"UPnP:       miniupnpd {offer} ({u['file']})")  # fmt: skip
     lines += manager_lines(s)
     if s.get("repairs"):
         lines.append("repairs:    " + ", ".join(f"{n} by {cause}" for cause, n in sorted(s["repairs"].items())))

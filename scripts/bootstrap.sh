@@ -13,6 +13,7 @@ APT_PACKAGES=(
   qemu-system-x86 linux-image-amd64 busybox-static        # the lab VM (tests/lab)
   radvd ppp pppoe                                         # the lab's simulated ISP
   firewalld network-manager dbus                          # the host managers the lab lives beside
+  miniupnpd miniupnpd-nftables miniupnpc                  # UPnP beside us (installed disabled) and a client
   dpkg-dev debhelper                                      # the Debian package (packaging/)
 )
 

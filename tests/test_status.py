@@ -13,16 +13,22 @@ def test_usage_per_protocol_and_fullest_block():
     assert usage["icmp"]["fullest_block"]["range"] == [64864, 64879]
 
 
-def test_text_shows_conflicts_repairs_and_the_last_changes():
+def test_text_shows_conflicts_repairs_upnp_and_the_last_changes():
     state = {
         "last_sync": 0, "ok": True, "error": None, "changes": 0, "reason": "", "prefix": "2400:4050:1234:5600::/56",
         "isp": "ocn", "rule": "2400:4050::/34", "ipv4": "153.240.72.209", "psid": 22, "ce_ipv6": "x",
         "tunnel": {"name": "ip6tnl1", "present": True, "up": True},
         "conflicts": ["route slot taken: default dev ppp0 table main metric 0 ..."],
         "repairs": {"event": 2, "periodic": 1},
+        "upnp": {"file": "/run/mape-daemon/miniupnpd.conf", "offering": None, "problem": "upnp.restart `false` exited 1"},
         "history": [{"time": 0, "cause": "event", "event": "repair", "text": "tunnel ip6tnl1 recreated: it was missing"}],
     }  # fmt: skip
     text = to_text(state)
     assert "CONFLICT:   route slot taken" in text
     assert "repairs:    2 by event, 1 by periodic" in text
+    assert "UPnP:       miniupnpd FAILING: upnp.restart `false` exited 1" in text
+    state["upnp"] |= {"offering": "153.240.72.209", "problem": None}
+    assert "UPnP:       miniupnpd grants ports of 153.240.72.209's set (/run/mape-daemon/miniupnpd.conf)" in to_text(
+        state
+    )
     assert "[event] tunnel ip6tnl1 recreated: it was missing" in text

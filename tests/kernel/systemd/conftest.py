@@ -45,7 +45,9 @@ def package():
     assert CONF.exists()
     for shipped in ("/usr/lib/firewalld/zones/mape.xml", "/usr/lib/firewalld/policies/mape-lan-to-mape.xml",
                     "/usr/lib/NetworkManager/conf.d/90-mape-daemon.conf",
-                    "/usr/lib/systemd/network/05-mape-daemon-tunnel.network"):  # fmt: skip
+                    "/usr/lib/systemd/network/05-mape-daemon-tunnel.network",
+                    "/usr/share/mape-daemon/miniupnpd/mape-daemon.conf",
+                    "/usr/lib/mape-daemon/miniupnpd-nft-chains"):  # fmt: skip
         assert Path(shipped).exists(), shipped
     return deb
 

@@ -1,0 +1,203 @@
+"""miniupnpd kept in step with the mapping: UPnP IGD and NAT-PMP that tell the truth.
+
+miniupnpd has no include directive and no reload, so we write its whole config file: the
+external address (the MAP IPv4), the tunnel as its external interface, permission rules that deny
+every port outside the set and every [[forward]]ed port, then the user's own miniupnpd.conf (their
+listening_ip, uuid and permission rules: miniupnpd takes the first rule that matches, so theirs can
+only narrow what ours leave). A console asking for a port outside the set gets UPnP error 606 and
+an IGDv2 AddAnyPortMapping gets a port inside it. Whenever the file changes, or the tunnel is
+recreated (miniupnpd's rules name the interface by index), miniupnpd is restarted. Without a
+mapping the file refuses every request, and miniupnpd keeps running to be restarted on its return.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from .config import Config, UpnpConfig
+
+# Keys of the user's miniupnpd.conf that we set: theirs are kept, commented out.
+OURS = ("ext_ifname", "ext_ip", "ext_perform_stun", "ext_stun_host", "ext_stun_port")
+# miniupnpd's nftables rules go to a table of their own (packaging/miniupnpd makes it), not to its
+# default `inet filter`, which is often the user's own firewall table. A base that names one wins.
+TABLE_KEYS = ("upnp_table_name", "upnp_nat_table_name")
+TABLE = "miniupnpd"
+ANY = "0.0.0.0/0 0-65535"  # any LAN host, any internal port
+RESTART_TIMEOUT = 60.0
+CLOSED = f"# No MAP-E mapping now (no prefix, or mape-daemon stopped): every request is refused.\ndeny 0-65535 {ANY}\n"
+
+
+class UpnpError(Exception):
+    """miniupnpd could not be brought in step: said in the journal, retried at the next sync."""
+
+
+@dataclass(frozen=True)
+class Mapping:
+    ipv4: IPv4Address
+    port_ranges: tuple[tuple[int, int], ...]
+
+
+def allowed(port_ranges: Sequence[tuple[int, int]], taken: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The set's ports minus `taken`, as sorted ranges."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(port_ranges):
+        start = lo
+        for t_lo, t_hi in sorted(taken):
+            if t_hi < start or t_lo > hi:
+                continue
+            if t_lo > start:
+                out.append((start, t_lo - 1))
+            start = max(start, t_hi + 1)
+        if start <= hi:
+            out.append((start, hi))
+    return out
+
+
+def denied(allow: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Every port 0-65535 outside `allow` (sorted, apart), as ranges."""
+    out, start = [], 0
+    for lo, hi in allow:
+        if lo > start:
+            out.append((start, lo - 1))
+        start = hi + 1
+    if start <= 65535:
+        out.append((start, 65535))
+    return out
+
+
+def _ports(lo: int, hi: int) -> str:
+    return f"{lo}-{hi}" if hi > lo else str(lo)
+
+
+def _key(line: str) -> str | None:
+    """The option a miniupnpd.conf line sets (None for comments, blanks and permission rules)."""
+    text = line.strip()
+    if not text or text.startswith("#") or "=" not in text:
+        return None
+    return text.partition("=")[0].strip()
+
+
+def _value(base: list[str], key: str) -> str | None:
+    values = [line.partition("=")[2].strip().strip("'\"") for line in base if _key(line) == key]
+    return values[-1] if values else None
+
+
+def render(base_text: str, base_path: Path, mapping: Mapping, cfg: Config) -> str:
+    """The whole miniupnpd.conf: ours, then the user's with the keys we set commented out."""
+    base = base_text.splitlines()
+    allow = allowed(mapping.port_ranges, cfg.forwarded_ranges())
+    ports = sum(hi - lo + 1 for lo, hi in allow)
+    out = [
+        f"# Written by mape-daemon for miniupnpd (run it with -f {cfg.upnp.file}); rewritten whenever the",
+        f"# MAP-E mapping changes. Edit {base_path} instead: it is copied below.",
+        f"# {mapping.ipv4}: {ports} ports for UPnP in {len(allow)} range(s) (the set minus [[forward]]s).",
+        f"ext_ip={mapping.ipv4}",
+        f"ext_ifname={cfg.tunnel.name}",
+    ]
+    if _value(base, "ext_ifname6") is None:  # the tunnel is IPv4 only: IPv6 pinholes stay on the WAN
+        out.append(f"ext_ifname6={_value(base, 'ext_ifname') or cfg.wan.interface}")
+    out += [f"{key}={TABLE}" for key in TABLE_KEYS if _value(base, key) is None]
+    out.append("# Only the set's ports: the BR sends this line no other; the first rule that matches wins.")
+    out += [f"deny {_ports(lo, hi)} {ANY}" for lo, hi in denied(allow)]
+    out.append(f"# ---- {base_path}")
+    out += [f"# (set by mape-daemon above) {line}" if _key(line) in OURS else line for line in base]
+    return "\n".join(out) + "\n"
+
+
+class Miniupnpd:
+    """The file we write and the restart that makes miniupnpd read it; one per daemon."""
+
+    def __init__(self) -> None:
+        self.done: tuple[str, int] | None = None  # (file text, tunnel ifindex) miniupnpd was restarted on
+        self.offering: str | None = None  # the MAP IPv4 miniupnpd grants ports of, once restarted on it
+
+    def update(self, cfg: Config, mapping: Mapping | None) -> str | None:
+        """Bring miniupnpd in step; returns what changed, for the journal, or None. UpnpError if
+        it could not: nothing is remembered then, so the next sync tries again."""
+        settings = cfg.upnp
+        if not settings.enabled:
+            return self._remove(settings)
+        if mapping is None:
+            text, index = _closed(settings.file), 0
+            if text is None:
+                return None  # never written: miniupnpd has not started (the drop-in's condition)
+        else:
+            try:
+                base = settings.base.read_text()
+            except OSError as e:
+                raise UpnpError(f"cannot read upnp.base {settings.base}: {e.strerror or e}") from None
+            text, index = render(base, settings.base, mapping, cfg), _ifindex(cfg.tunnel.name)
+        if (text, index) == self.done:
+            return None
+        _write(settings.file, text)
+        before, self.done, self.offering = self.done, None, None  # unknown until the restart worked
+        _restart(settings)
+        self.done, self.offering = (text, index), mapping and str(mapping.ipv4)
+        if mapping is None:
+            return f"miniupnpd refuses every request now (no MAP-E mapping); ran: {settings.restart}"
+        if before is None:
+            return f"miniupnpd config written to {settings.file} ({mapping.ipv4}); ran: {settings.restart}"
+        why = "the tunnel was recreated" if before[0] == text else "its config changed"
+        return f"miniupnpd restarted, {why} ({mapping.ipv4}): {settings.restart}"
+
+    def _remove(self, settings: UpnpConfig) -> str | None:
+        """UPnP turned off: without its file miniupnpd does not come back (the drop-in's
+        ConditionPathExists), so the restart stops it."""
+        if not settings.file.exists():
+            return None
+        settings.file.unlink(missing_ok=True)
+        _restart(settings)
+        self.done = self.offering = None
+        return f"miniupnpd config {settings.file} removed (upnp.enabled is false); ran: {settings.restart}"
+
+
+def _closed(path: Path) -> str | None:
+    """The file as it is, with a first rule refusing everything: miniupnpd stays up (a restart
+    that the mapping's return brings finds it running) and grants nothing meanwhile."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UpnpError(f"cannot read upnp.file {path}: {e.strerror or e}") from None
+    return text if text.startswith(CLOSED) else CLOSED + text
+
+
+def _ifindex(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return 0
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomically, readable by miniupnpd (our unit's umask is 077)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".miniupnpd-")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UpnpError(f"cannot write upnp.file {path}: {e.strerror or e}") from None
+
+
+def _restart(settings: UpnpConfig) -> None:
+    try:
+        done = subprocess.run(shlex.split(settings.restart), capture_output=True, text=True,
+                              timeout=RESTART_TIMEOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UpnpError(f"upnp.restart `{settings.restart}` failed: {e}") from None
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        raise UpnpError(f"upnp.restart `{settings.restart}` exited {done.returncode}"
+                        + (f": {said[-1]}" if said else ""))  # fmt: skip
