@@ -260,10 +260,9 @@ class Service:
             self.unavailable = unavailable
 
     async def _upnp(self, result: SyncResult, cause: str, stopping: bool = False) -> None:
-        p = None if stopping else result.params
-        mapping = upnp.Mapping(p.ipv4, p.port_ranges) if p is not None else None
+        params = None if stopping else result.params
         try:
-            said = await asyncio.to_thread(self.miniupnpd.update, self.config, mapping)
+            said = await asyncio.to_thread(self.miniupnpd.update, self.config, params)
         except upnp.UpnpError as e:
             if str(e) != self.upnp_problem:  # once, not at every retry
                 log.error("%s (retrying)", e, extra=fields(result, "upnp", cause))

@@ -2,7 +2,7 @@
 
 miniupnpd has no include directive and no reload, so we write its whole config file: the
 external address (the MAP IPv4), the tunnel as its external interface, permission rules that deny
-every port outside the set and every [[forward]]ed port, then the user's own miniupnpd.conf (their
+every port outside the set and every [[forward]]ed or snat.reserved port, then the user's own miniupnpd.conf (their
 listening_ip, uuid and permission rules: miniupnpd takes the first rule that matches, so theirs can
 only narrow what ours leave). A console asking for a port outside the set gets UPnP error 606 and
 an IGDv2 AddAnyPortMapping gets a port inside it. Whenever the file changes, or the tunnel is
@@ -18,11 +18,11 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
-from ipaddress import IPv4Address
 from pathlib import Path
 
+from . import desired
 from .config import Config, UpnpConfig
+from .mapcalc import MapParams
 
 # Keys of the user's miniupnpd.conf that we set: theirs are kept, commented out.
 OURS = ("ext_ifname", "ext_ip", "ext_perform_stun", "ext_stun_host", "ext_stun_port")
@@ -37,28 +37,6 @@ CLOSED = f"# No MAP-E mapping now (no prefix, or mape-daemon stopped): every req
 
 class UpnpError(Exception):
     """miniupnpd could not be brought in step: said in the journal, retried at the next sync."""
-
-
-@dataclass(frozen=True)
-class Mapping:
-    ipv4: IPv4Address
-    port_ranges: tuple[tuple[int, int], ...]
-
-
-def allowed(port_ranges: Sequence[tuple[int, int]], taken: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The set's ports minus `taken`, as sorted ranges."""
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted(port_ranges):
-        start = lo
-        for t_lo, t_hi in sorted(taken):
-            if t_hi < start or t_lo > hi:
-                continue
-            if t_lo > start:
-                out.append((start, t_lo - 1))
-            start = max(start, t_hi + 1)
-        if start <= hi:
-            out.append((start, hi))
-    return out
 
 
 def denied(allow: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -90,16 +68,16 @@ def _value(base: list[str], key: str) -> str | None:
     return values[-1] if values else None
 
 
-def render(base_text: str, base_path: Path, mapping: Mapping, cfg: Config) -> str:
+def render(base_text: str, base_path: Path, params: MapParams, cfg: Config) -> str:
     """The whole miniupnpd.conf: ours, then the user's with the keys we set commented out."""
     base = base_text.splitlines()
-    allow = allowed(mapping.port_ranges, cfg.forwarded_ranges())
+    allow = desired.pool_ranges(params, desired.reserved(cfg))  # the SNAT pool: no forwarded or reserved port
     ports = sum(hi - lo + 1 for lo, hi in allow)
     out = [
         f"# Written by mape-daemon for miniupnpd (run it with -f {cfg.upnp.file}); rewritten whenever the",
         f"# MAP-E mapping changes. Edit {base_path} instead: it is copied below.",
-        f"# {mapping.ipv4}: {ports} ports for UPnP in {len(allow)} range(s) (the set minus [[forward]]s).",
-        f"ext_ip={mapping.ipv4}",
+        f"# {params.ipv4}: {ports} ports for UPnP in {len(allow)} range(s) (the set minus forwarded and reserved).",
+        f"ext_ip={params.ipv4}",
         f"ext_ifname={cfg.tunnel.name}",
     ]
     if _value(base, "ext_ifname6") is None:  # the tunnel is IPv4 only: IPv6 pinholes stay on the WAN
@@ -119,13 +97,13 @@ class Miniupnpd:
         self.done: tuple[str, int] | None = None  # (file text, tunnel ifindex) miniupnpd was restarted on
         self.offering: str | None = None  # the MAP IPv4 miniupnpd grants ports of, once restarted on it
 
-    def update(self, cfg: Config, mapping: Mapping | None) -> str | None:
+    def update(self, cfg: Config, params: MapParams | None) -> str | None:
         """Bring miniupnpd in step; returns what changed, for the journal, or None. UpnpError if
         it could not: nothing is remembered then, so the next sync tries again."""
         settings = cfg.upnp
         if not settings.enabled:
             return self._remove(settings)
-        if mapping is None:
+        if params is None:
             text, index = _closed(settings.file), 0
             if text is None:
                 return None  # never written: miniupnpd has not started (the drop-in's condition)
@@ -134,19 +112,19 @@ class Miniupnpd:
                 base = settings.base.read_text()
             except OSError as e:
                 raise UpnpError(f"cannot read upnp.base {settings.base}: {e.strerror or e}") from None
-            text, index = render(base, settings.base, mapping, cfg), _ifindex(cfg.tunnel.name)
+            text, index = render(base, settings.base, params, cfg), _ifindex(cfg.tunnel.name)
         if (text, index) == self.done:
             return None
         _write(settings.file, text)
         before, self.done, self.offering = self.done, None, None  # unknown until the restart worked
         _restart(settings)
-        self.done, self.offering = (text, index), mapping and str(mapping.ipv4)
-        if mapping is None:
+        self.done, self.offering = (text, index), params and str(params.ipv4)
+        if params is None:
             return f"miniupnpd refuses every request now (no MAP-E mapping); ran: {settings.restart}"
         if before is None:
-            return f"miniupnpd config written to {settings.file} ({mapping.ipv4}); ran: {settings.restart}"
+            return f"miniupnpd config written to {settings.file} ({params.ipv4}); ran: {settings.restart}"
         why = "the tunnel was recreated" if before[0] == text else "its config changed"
-        return f"miniupnpd restarted, {why} ({mapping.ipv4}): {settings.restart}"
+        return f"miniupnpd restarted, {why} ({params.ipv4}): {settings.restart}"
 
     def _remove(self, settings: UpnpConfig) -> str | None:
         """UPnP turned off: without its file miniupnpd does not come back (the drop-in's

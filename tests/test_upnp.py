@@ -57,10 +57,10 @@ def verdict(conf: str, port: int, host: str = "192.168.1.10", iport: int = 8080)
     return "allow"
 
 
-def test_only_ports_of_the_set_minus_forwards_are_left_to_the_users_rules(tmp_path):
-    cfg = parse(config(tmp_path, FORWARD))
-    conf = upnp.render(USER_CONF, tmp_path / "base.conf", upnp.Mapping(OCN.ipv4, OCN.port_ranges), cfg)
-    in_set = {p for lo, hi in OCN.port_ranges for p in range(lo, hi + 1)} - {25952}
+def test_only_ports_of_the_set_minus_forwarded_and_reserved_are_left_to_the_users_rules(tmp_path):
+    cfg = parse(config(tmp_path, '[snat]\nreserved_ports = ["2400-2403"]\n' + FORWARD))
+    conf = upnp.render(USER_CONF, tmp_path / "base.conf", OCN, cfg)
+    in_set = {p for lo, hi in OCN.port_ranges for p in range(lo, hi + 1)} - {25952, 2400, 2401, 2402, 2403}
     for port in range(65536):  # the whole port space, against the rules as miniupnpd reads them
         assert verdict(conf, port) == ("allow" if port in in_set else "deny"), port
     assert verdict(conf, 25953, host="10.0.0.5") == "deny"  # the user's own rules still narrow it
@@ -68,7 +68,7 @@ def test_only_ports_of_the_set_minus_forwards_are_left_to_the_users_rules(tmp_pa
 
 def test_the_users_settings_stay_and_the_keys_we_set_are_commented_out(tmp_path):
     cfg = parse(config(tmp_path))
-    conf = upnp.render(USER_CONF, tmp_path / "base.conf", upnp.Mapping(OCN.ipv4, OCN.port_ranges), cfg)
+    conf = upnp.render(USER_CONF, tmp_path / "base.conf", OCN, cfg)
     lines = conf.splitlines()
     assert "ext_ip=153.240.72.209" in lines and "ext_ifname=ip6tnl1" in lines
     assert "ext_ifname6=eth0" in lines  # IPv6 pinholes stay on the user's own WAN
@@ -77,30 +77,30 @@ def test_the_users_settings_stay_and_the_keys_we_set_are_commented_out(tmp_path)
     assert "upnp_table_name=miniupnpd" in lines and "upnp_nat_table_name=miniupnpd" in lines
     ours = lines.index("deny 0-1375 0.0.0.0/0 0-65535")
     assert ours < lines.index("allow 1024-65535 192.168.1.0/24 1024-65535")  # first match wins: ours first
-    own_table = upnp.render(USER_CONF + "upnp_table_name=fw\n", tmp_path / "b", upnp.Mapping(OCN.ipv4, ()), cfg)
+    own_table = upnp.render(USER_CONF + "upnp_table_name=fw\n", tmp_path / "b", OCN, cfg)
     assert "upnp_table_name=miniupnpd" not in own_table.splitlines()  # the user's table wins
-    bare = upnp.render("listening_ip=lan0\n", tmp_path / "b", upnp.Mapping(OCN.ipv4, OCN.port_ranges), cfg)
+    bare = upnp.render("listening_ip=lan0\n", tmp_path / "b", OCN, cfg)
     assert "ext_ifname6=wan0" in bare.splitlines()
 
 
 def test_the_file_is_written_and_miniupnpd_restarted_only_when_something_changed(tmp_path, monkeypatch):
     cfg = parse(config(tmp_path))
     m, restarts = upnp.Miniupnpd(), tmp_path / "restarts"
-    said = m.update(cfg, upnp.Mapping(OCN.ipv4, OCN.port_ranges))
+    said = m.update(cfg, OCN)
     assert said.startswith(f"miniupnpd config written to {tmp_path / 'run' / 'miniupnpd.conf'} (153.240.72.209)")
     conf = tmp_path / "run" / "miniupnpd.conf"
     assert "ext_ip=153.240.72.209" in conf.read_text() and conf.stat().st_mode & 0o777 == 0o644
-    assert m.update(cfg, upnp.Mapping(OCN.ipv4, OCN.port_ranges)) is None
+    assert m.update(cfg, OCN) is None
     assert restarts.read_text().count("restarted") == 1
 
-    said = m.update(cfg, upnp.Mapping(MOVED.ipv4, MOVED.port_ranges))
+    said = m.update(cfg, MOVED)
     assert said == f"miniupnpd restarted, its config changed ({MOVED.ipv4}): {cfg.upnp.restart}"
     assert f"ext_ip={MOVED.ipv4}" in conf.read_text() and restarts.read_text().count("restarted") == 2
     with_forward = parse(config(tmp_path, FORWARD.replace("25952", str(MOVED.port_ranges[3][0]))))
-    assert m.update(with_forward, upnp.Mapping(MOVED.ipv4, MOVED.port_ranges)) is not None  # a port left the pool
+    assert m.update(with_forward, MOVED) is not None  # a port left the pool
 
     monkeypatch.setattr(upnp, "_ifindex", lambda name: 99)  # the tunnel recreated: miniupnpd's rules name index
-    said = m.update(with_forward, upnp.Mapping(MOVED.ipv4, MOVED.port_ranges))
+    said = m.update(with_forward, MOVED)
     assert said.startswith("miniupnpd restarted, the tunnel was recreated")
 
     said = m.update(with_forward, None)  # MAP-E off: miniupnpd stays up (to be restarted) and grants nothing
@@ -108,7 +108,7 @@ def test_the_file_is_written_and_miniupnpd_restarted_only_when_something_changed
     assert conf.read_text().startswith(upnp.CLOSED) and m.offering is None
     assert verdict(conf.read_text(), MOVED.port_ranges[0][0]) == "deny"  # a port of the set, refused
     assert m.update(with_forward, None) is None and restarts.read_text().count("restarted") == 5
-    assert m.update(with_forward, upnp.Mapping(MOVED.ipv4, MOVED.port_ranges)) is not None  # back: in step again
+    assert m.update(with_forward, MOVED) is not None  # back: in step again
     assert not conf.read_text().startswith(upnp.CLOSED) and m.offering == str(MOVED.ipv4)
 
     off = parse(config(tmp_path, FORWARD).replace("enabled = true", "enabled = false"))
@@ -123,14 +123,14 @@ def test_a_failing_restart_or_a_missing_base_is_an_error_and_is_tried_again(tmp_
     m = upnp.Miniupnpd()
     with pytest.raises(upnp.UpnpError, match=re.escape("upnp.restart `sh -c 'echo no such unit >&2; exit 5'` "
                                                        "exited 5: no such unit")):  # fmt: skip
-        m.update(cfg, upnp.Mapping(OCN.ipv4, OCN.port_ranges))
+        m.update(cfg, OCN)
     with pytest.raises(upnp.UpnpError):  # nothing remembered: tried again
-        m.update(cfg, upnp.Mapping(OCN.ipv4, OCN.port_ranges))
+        m.update(cfg, OCN)
     good = parse(config(tmp_path))
-    assert m.update(good, upnp.Mapping(OCN.ipv4, OCN.port_ranges)) is not None
+    assert m.update(good, OCN) is not None
     (tmp_path / "base.conf").unlink()
     with pytest.raises(upnp.UpnpError, match=f"cannot read upnp.base {tmp_path / 'base.conf'}: No such file"):
-        m.update(good, upnp.Mapping(MOVED.ipv4, MOVED.port_ranges))
+        m.update(good, MOVED)
     assert any("does not exist: install miniupnpd" in w for w in good.warnings())
 
 
