@@ -143,8 +143,8 @@ def guard_chains(config: Config, params: MapParams) -> list[str]:
     ]
 
 
-def guard_table(config: Config, params: MapParams) -> str | None:
-    """Our nftables table beside iptables chains: the guard, forwards and the inbound policy."""
+def companion_table(config: Config, params: MapParams) -> str | None:
+    """Our nftables table beside the iptables backends' chains: the guard, forwards, the inbound policy."""
     chains = (guard_chains(config, params) if config.firewall.guard else []) + inbound_chains(config, params)
     return nft_table(chains) if chains else None
 
@@ -273,7 +273,7 @@ def build(config: Config, params: MapParams | None, links: Collection[str] = (),
         chains, jumps = [], []
         nft = native_table(config, params, ranges)
     else:
-        nft = guard_table(config, params)
+        nft = companion_table(config, params)
     return State(
         tunnels=frozenset({tunnel}),
         addresses=frozenset(addresses),

@@ -85,7 +85,7 @@ def guard_drops(router: str) -> int:
 
 def test_nft_table_is_replaced_whole_read_back_canonical_and_removed(topo):
     _, router, _ = topo
-    script = desired.guard_table(CFG, P)
+    script = desired.companion_table(CFG, P)
     with inside(router):
         t = NftTable()
         t.replace(None)
@@ -104,7 +104,7 @@ def test_nft_table_is_replaced_whole_read_back_canonical_and_removed(topo):
 def test_guard_passes_what_snat_put_in_the_set_and_drops_the_rest(topo):
     client, router, _ = topo
     with inside(router):
-        NftTable().replace(desired.guard_table(CFG, P))
+        NftTable().replace(desired.companion_table(CFG, P))
     try:
         snat(router, True)
         lo, hi = P.port_ranges[3]
