@@ -21,7 +21,7 @@ def reach(lab, ipv4: str, port: int, timeout: float = 3) -> str:
     return call(lab.inet, traffic.tcp_sequential, ipv4, 1, port, timeout)[0]
 
 
-@pytest.mark.parametrize("backend", ["iptables-nft", "nftables"])
+@pytest.mark.parametrize("backend", ["iptables-nft", "nftables", "iptables-legacy"])
 def test_a_forward_is_reachable_a_router_service_is_not_and_snat_never_uses_its_port(lab, tmp_path, backend):
     ce = lab.ce_params()
     chain = lab.br_add_ce(ce)
