@@ -239,7 +239,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     check_forwards_against_running(config, path)
     print(
         f"{path}: ok (WAN {config.wan.interface}, ISP {config.isp.name}, "
-        f"tunnel {config.tunnel.name}, PPPoE {'on' if config.pppoe else 'off'})"
+        f"tunnel {config.tunnel.name}, PPPoE {'on' if config.pppoe else 'off'}, {len(config.forward)} forward(s), "
+        f"UPnP {'on' if config.upnp.enabled else 'off'})"
     )
     return 0
 

@@ -49,6 +49,7 @@ def test_check_config_takes_the_file_either_way(tmp_path):
     for args in (["check-config", str(good)], ["check-config", "-c", str(good)]):
         r = mape(*args)
         assert r.returncode == 0 and f"{good}: ok (WAN wan0" in r.stdout, r.stderr
+        assert "0 forward(s), UPnP off)" in r.stdout
 
 
 def test_a_wan_name_no_link_can_ever_have_is_a_config_error(tmp_path):
