@@ -1,14 +1,16 @@
 """UPnP that tells the truth, as a user sets it up: Debian's miniupnpd.service with the drop-in the
 package ships, beside the packaged mape-daemon (upnp.enabled), both in the lab router's namespace.
 A LAN client's upnpc (miniupnpc) gets ports of the set, reachable from the internet through the
-strict BR, and UPnP error 606 for the others; a renumbering restarts miniupnpd on the new address
-with no mapping of the old set left; while mape-daemon is stopped miniupnpd grants nothing, and it
-is in step again when mape-daemon is back."""
+strict BR, and UPnP error 606 for the others (NAT-PMP: a port of the set instead); a renumbering
+restarts miniupnpd on the new address with no mapping of the old set left; while mape-daemon is
+stopped miniupnpd grants nothing, and it is in step again when mape-daemon is back."""
 
 from __future__ import annotations
 
 import re
 import shutil
+import socket
+import struct
 import subprocess
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from tests.kernel.conftest import running_lab
 from tests.kernel.systemd.conftest import CONF, CONFIG, active, journal, run, use_namespace
 from tests.kernel.test_forwards_lab import reach
 from tests.lab import traffic
-from tests.lab.netns import spawn
+from tests.lab.netns import call, spawn
 from tests.lab.topo import LAN_GW, wait_for
 
 DROPIN = Path("/etc/systemd/system/miniupnpd.service.d")
@@ -35,6 +37,15 @@ def granted(out: str, ipv4: str) -> int | None:
     """The external port a successful add reports (None: refused)."""
     m = re.search(rf"external {re.escape(ipv4)}:(\d+) TCP is redirected", out)
     return int(m.group(1)) if m else None
+
+
+def natpmp_map(gateway: str, internal: int, suggested: int) -> tuple[int, int]:
+    """RFC 6886 TCP mapping request: (result code, the external port granted)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(struct.pack("!BBHHHI", 0, 2, 0, internal, suggested, 3600), (gateway, 5351))
+        _version, _op, result, _epoch, _internal, external, _life = struct.unpack("!BBHIHHI", s.recv(16))
+    return result, external
 
 
 def mappings(lab) -> list[str] | None:
@@ -83,6 +94,12 @@ def test_upnp_grants_only_ports_of_the_set_and_follows_a_renumbering(package, tm
             other = granted(out, ce.ipv4)
             assert other in ce.ports() and other != ports[50], out  # another port, inside the set
             assert not reach(lab, ce.ipv4, other).startswith("error")
+            result, pmp = call(lab.lan, natpmp_map, LAN_GW, APP, ports[60])  # NAT-PMP: the same rules
+            assert (result, pmp) == (0, ports[60])
+            assert not reach(lab, ce.ipv4, pmp).startswith("error")
+            result, pmp = call(lab.lan, natpmp_map, LAN_GW, APP, outside)
+            assert result == 0 and pmp in ce.ports(), (result, pmp)  # a port of the set instead
+            assert not reach(lab, ce.ipv4, pmp).startswith("error")
 
             lab.renumber("2400:4050:2234:9a00::/64")  # another PSID: none of the old ports
             moved = lab.ce_params()
