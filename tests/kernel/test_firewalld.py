@@ -9,11 +9,12 @@ from __future__ import annotations
 import signal
 import time
 
+from tests.kernel.test_forwards_lab import forward, reach
 from tests.lab import checks, traffic
 from tests.lab.daemon import Daemon
 from tests.lab.firewalld import DIRECT, Firewalld
-from tests.lab.netns import call, sh
-from tests.lab.topo import SERVER, wait_for
+from tests.lab.netns import call, sh, spawn
+from tests.lab.topo import LAN_SERVER, SERVER, wait_for
 
 CONFIG = '[wan]\ninterface = "wan0"\n[lan]\ninterfaces = ["lan0"]\n[daemon]\nsync_interval = 3600\n'
 BOUND = CONFIG + '[firewalld]\nzone = "mape"\n'
@@ -81,20 +82,26 @@ def test_firewalld_nftables_reload_restart_direct_rule_and_nft_flush(lab, tmp_pa
 
 def test_firewalld_reloads_and_restarts_leave_the_nftables_backend_alone(lab, tmp_path):
     """With `auto` (the nftables backend here) firewalld's flushes of the iptables tables find
-    nothing of ours: a reload and a restart remove nothing, and nothing needs repairing."""
+    nothing of ours: a reload and a restart remove nothing, and nothing needs repairing. A
+    [[forward]] reaches its LAN server through firewalld's forward chain (it accepts DNATed
+    connections) before and after."""
     ce = lab.ce_params()
     chain = lab.br_add_ce(ce)
+    port = sorted(ce.ports())[40]
+    lab.pids.append(spawn(lab.lan, traffic.serve, str(tmp_path / "lan.jsonl"), LAN_SERVER, 8080))
     fw = Firewalld(lab.ce, tmp_path).start()
-    d = Daemon(lab, tmp_path, BOUND, fw.env).start()
+    d = Daemon(lab, tmp_path, BOUND + forward(port), fw.env).start()
     try:
         wait_for(lambda: d.synced_by_me() and fw.zone_of("ip6tnl1") == "mape", 180, "converged, in zone mape")
         assert "MAPE-" not in sh(lab.ce, "iptables-save")
         table = sh(lab.ce, "nft", "-s", "list", "table", "ip", "mape")
         checks.data_path(lab, ce, chain)
+        assert not reach(lab, ce.ipv4, port).startswith("error")
         for action in (fw.reload, fw.restart):
             action()
             wait_for(lambda: fw.zone_of("ip6tnl1") == "mape", 30, "the zone binding again")
             checks.data_path(lab, ce, chain)
+            assert not reach(lab, ce.ipv4, port).startswith("error")
         assert sh(lab.ce, "nft", "-s", "list", "table", "ip", "mape") == table
         assert "it was missing" not in d.text() and "differed" not in d.text(), d.text()
     finally:
