@@ -3,6 +3,10 @@ MAP IPv4 is closed to everything else, and a renumbering moves a forward or repo
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
 import pytest
 
 from tests.kernel.test_e2e_apply import CONFIG, apply_once
@@ -69,6 +73,18 @@ def test_renumbering_moves_a_forward_with_the_set_or_reports_it(lab, tmp_path):
     try:
         wait_for(d.synced_by_me, 180, "the first sync")
         assert not reach(lab, ce.ipv4, port).startswith("error")
+
+        # Config time, against the running daemon's set: check-config and a reload refuse a forward outside it.
+        good = d.cfg.read_text()
+        outside = next(p for p in range(20000, 65536) if p not in ce.ports())
+        d.cfg.write_text(good + forward(outside).replace('"web"', '"game"'))
+        r = subprocess.run(["ip", "netns", "exec", lab.ce, sys.executable, "-m", "mape_daemon", "check-config",
+                            str(d.cfg)], capture_output=True, text=True, env=d.env, timeout=120)  # fmt: skip
+        assert r.returncode == 78 and f"forward.1.port: tcp {outside} is outside this line's port set" in r.stderr
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "nothing changes, staying with the config loaded at" in d.text(), 60, "the reload refused")
+        d.cfg.write_text(good)
+        assert not reach(lab, ce.ipv4, port).startswith("error")  # the running config still serves
 
         lab.renumber("2400:4050:2234:5600::/64")  # the same PSID, another IPv4: the forward follows
         moved = lab.ce_params()
