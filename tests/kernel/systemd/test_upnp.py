@@ -23,12 +23,14 @@ from tests.lab.topo import LAN_GW, wait_for
 
 DROPIN = Path("/etc/systemd/system/miniupnpd.service.d")
 BASE = Path("/etc/miniupnpd/miniupnpd.conf")
-IGD = f"http://{LAN_GW}:5000/rootDesc.xml"  # a fixed HTTP port: no SSDP search, no 2 s wait
+IGD = f"http://{LAN_GW}:5000/rootDesc.xml"  # a fixed HTTP port: the other calls skip the SSDP search
 APP = 9000  # the LAN client's service
 
 
-def upnpc(lab, *args: str) -> str:
-    r = subprocess.run(["ip", "netns", "exec", lab.lan, "upnpc", "-u", IGD, *args], capture_output=True, text=True,
+def upnpc(lab, *args: str, discover: bool = False) -> str:
+    """upnpc in the LAN; `discover`: find the IGD by SSDP multicast, as a console does."""
+    where = [] if discover else ["-u", IGD]
+    r = subprocess.run(["ip", "netns", "exec", lab.lan, "upnpc", *where, *args], capture_output=True, text=True,
                        timeout=60)  # fmt: skip
     return f"rc={r.returncode}\n{r.stdout}{r.stderr}"
 
@@ -84,8 +86,8 @@ def test_upnp_grants_only_ports_of_the_set_and_follows_a_renumbering(package, tm
 
             ports = sorted(ce.ports())
             outside = next(p for p in range(20000, 65536) if p not in ce.ports())
-            out = upnpc(lab, "-r", str(APP), str(ports[50]), "tcp")
-            assert granted(out, ce.ipv4) == ports[50], out
+            out = upnpc(lab, "-r", str(APP), str(ports[50]), "tcp", discover=True)
+            assert f"Found valid IGD : http://{LAN_GW}:5000/" in out and granted(out, ce.ipv4) == ports[50], out
             assert not reach(lab, ce.ipv4, ports[50]).startswith("error")  # through the BR, to the LAN client
             out = upnpc(lab, "-r", str(APP), str(outside), "tcp")
             assert granted(out, ce.ipv4) is None and "606" in out, out  # refused, as a client can handle
