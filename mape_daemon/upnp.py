@@ -12,6 +12,7 @@ mapping the file refuses every request, and miniupnpd keeps running to be restar
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import socket
@@ -113,12 +114,16 @@ class Miniupnpd:
             except OSError as e:
                 raise UpnpError(f"cannot read upnp.base {settings.base}: {e.strerror or e}") from None
             text, index = render(base, settings.base, params, cfg), _ifindex(cfg.tunnel.name)
-        if (text, index) == self.done:
+        key, offering = (text, index), params and str(params.ipv4)
+        if self.done is None and _read(_applied(settings.file)) == _stamp(key):
+            self.done, self.offering = key, offering  # our predecessor restarted miniupnpd on just this
+        if key == self.done:
             return None
         _write(settings.file, text)
         before, self.done, self.offering = self.done, None, None  # unknown until the restart worked
         _restart(settings)
-        self.done, self.offering = (text, index), params and str(params.ipv4)
+        _write(_applied(settings.file), _stamp(key))
+        self.done, self.offering = key, offering
         if params is None:
             return f"miniupnpd refuses every request now (no MAP-E mapping); ran: {settings.restart}"
         if before is None:
@@ -132,6 +137,7 @@ class Miniupnpd:
         if not settings.file.exists():
             return None
         settings.file.unlink(missing_ok=True)
+        _applied(settings.file).unlink(missing_ok=True)
         _restart(settings)
         self.done = self.offering = None
         return f"miniupnpd config {settings.file} removed (upnp.enabled is false); ran: {settings.restart}"
@@ -147,6 +153,23 @@ def _closed(path: Path) -> str | None:
     except OSError as e:
         raise UpnpError(f"cannot read upnp.file {path}: {e.strerror or e}") from None
     return text if text.startswith(CLOSED) else CLOSED + text
+
+
+def _applied(path: Path) -> Path:
+    """What miniupnpd was last restarted on, kept beside its file: a daemon restart (a crash, the
+    watchdog, on_stop = "keep") that finds the same file and tunnel costs no one their mappings."""
+    return path.with_name(path.name + ".applied")
+
+
+def _stamp(key: tuple[str, int]) -> str:
+    return f"ifindex {key[1]} sha256 {hashlib.sha256(key[0].encode()).hexdigest()}\n"
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def _ifindex(name: str) -> int:

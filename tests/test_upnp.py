@@ -92,10 +92,15 @@ def test_the_file_is_written_and_miniupnpd_restarted_only_when_something_changed
     assert "ext_ip=153.240.72.209" in conf.read_text() and conf.stat().st_mode & 0o777 == 0o644
     assert m.update(cfg, OCN) is None
     assert restarts.read_text().count("restarted") == 1
+    successor = upnp.Miniupnpd()  # the daemon restarted (a crash, the watchdog): the same file and tunnel
+    assert successor.update(cfg, OCN) is None and successor.offering == "153.240.72.209"
+    assert restarts.read_text().count("restarted") == 1  # nobody loses their mappings
+    (tmp_path / "run" / "miniupnpd.conf.applied").unlink()  # as if it died between the write and the restart
+    assert upnp.Miniupnpd().update(cfg, OCN) is not None and restarts.read_text().count("restarted") == 2
 
     said = m.update(cfg, MOVED)
     assert said == f"miniupnpd restarted, its config changed ({MOVED.ipv4}): {cfg.upnp.restart}"
-    assert f"ext_ip={MOVED.ipv4}" in conf.read_text() and restarts.read_text().count("restarted") == 2
+    assert f"ext_ip={MOVED.ipv4}" in conf.read_text() and restarts.read_text().count("restarted") == 3
     with_forward = parse(config(tmp_path, FORWARD.replace("25952", str(MOVED.port_ranges[3][0]))))
     assert m.update(with_forward, MOVED) is not None  # a port left the pool
 
@@ -107,13 +112,14 @@ def test_the_file_is_written_and_miniupnpd_restarted_only_when_something_changed
     assert said == f"miniupnpd refuses every request now (no MAP-E mapping); ran: {cfg.upnp.restart}"
     assert conf.read_text().startswith(upnp.CLOSED) and m.offering is None
     assert verdict(conf.read_text(), MOVED.port_ranges[0][0]) == "deny"  # a port of the set, refused
-    assert m.update(with_forward, None) is None and restarts.read_text().count("restarted") == 5
+    assert m.update(with_forward, None) is None and restarts.read_text().count("restarted") == 6
     assert m.update(with_forward, MOVED) is not None  # back: in step again
     assert not conf.read_text().startswith(upnp.CLOSED) and m.offering == str(MOVED.ipv4)
 
     off = parse(config(tmp_path, FORWARD).replace("enabled = true", "enabled = false"))
     assert m.update(off, None) == f"miniupnpd config {conf} removed (upnp.enabled is false); ran: {off.upnp.restart}"
-    assert not conf.exists() and restarts.read_text().count("restarted") == 7
+    assert not conf.exists() and not (tmp_path / "run" / "miniupnpd.conf.applied").exists()
+    assert restarts.read_text().count("restarted") == 8
     assert m.update(off, None) is None
     assert upnp.Miniupnpd().update(cfg, None) is None  # never written: nothing to close
 
