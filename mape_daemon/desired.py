@@ -9,7 +9,7 @@ from collections.abc import Collection
 
 from . import forwards
 from .config import Config
-from .mapcalc import MapParams
+from .mapcalc import MapParams, without
 from .state import NOTHING, Address, Chain, Jump, Route, RoutingRule, State, Tunnel
 
 SNAT_CHAIN = "MAPE-SNAT"
@@ -26,18 +26,7 @@ class EmptyPool(ValueError):
 
 def pool_ranges(params: MapParams, reserved: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
     """The port set as contiguous ranges, with reserved ports (port forwards) cut out."""
-    out = []
-    for lo, hi in params.port_ranges:
-        start = lo
-        for r_lo, r_hi in sorted(reserved):
-            if r_hi < start or r_lo > hi:
-                continue
-            if r_lo > start:
-                out.append((start, r_lo - 1))
-            start = max(start, r_hi + 1)
-        if start <= hi:
-            out.append((start, hi))
-    return out
+    return without(params.port_ranges, reserved)
 
 
 def reserved(config: Config) -> tuple[tuple[int, int], ...]:

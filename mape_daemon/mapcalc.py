@@ -148,6 +148,22 @@ class Nearest:
         return f"port {self.port}: not in the set; {self.usable()}"
 
 
+def without(ranges: Sequence[tuple[int, int]], taken: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ports of `ranges` not in `taken`, as contiguous ranges in the order of `ranges`."""
+    out = []
+    for lo, hi in ranges:
+        start = lo
+        for t_lo, t_hi in sorted(taken):
+            if t_hi < start or t_lo > hi:
+                continue
+            if t_lo > start:
+                out.append((start, t_lo - 1))
+            start = max(start, t_hi + 1)
+        if start <= hi:
+            out.append((start, hi))
+    return out
+
+
 def nearest(ranges: Sequence[tuple[int, int]], port: int) -> Nearest:
     holding = next((r for r in ranges if r[0] <= port <= r[1]), None)
     if holding is not None:

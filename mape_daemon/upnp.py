@@ -18,12 +18,11 @@ import shlex
 import socket
 import subprocess
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 from . import desired
 from .config import Config, UpnpConfig
-from .mapcalc import MapParams
+from .mapcalc import MapParams, without
 
 # Keys of the user's miniupnpd.conf that we set: theirs are kept, commented out.
 OURS = ("ext_ifname", "ext_ip", "ext_perform_stun", "ext_stun_host", "ext_stun_port")
@@ -38,18 +37,6 @@ CLOSED = f"# No MAP-E mapping now (no prefix, or mape-daemon stopped): every req
 
 class UpnpError(Exception):
     """miniupnpd could not be brought in step: said in the journal, retried at the next sync."""
-
-
-def denied(allow: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Every port 0-65535 outside `allow` (sorted, apart), as ranges."""
-    out, start = [], 0
-    for lo, hi in allow:
-        if lo > start:
-            out.append((start, lo - 1))
-        start = hi + 1
-    if start <= 65535:
-        out.append((start, 65535))
-    return out
 
 
 def _ports(lo: int, hi: int) -> str:
@@ -85,7 +72,7 @@ def render(base_text: str, base_path: Path, params: MapParams, cfg: Config) -> s
         out.append(f"ext_ifname6={_value(base, 'ext_ifname') or cfg.wan.interface}")
     out += [f"{key}={TABLE}" for key in TABLE_KEYS if _value(base, key) is None]
     out.append("# Only the set's ports: the BR sends this line no other; the first rule that matches wins.")
-    out += [f"deny {_ports(lo, hi)} {ANY}" for lo, hi in denied(allow)]
+    out += [f"deny {_ports(lo, hi)} {ANY}" for lo, hi in without(((0, 65535),), allow)]
     out.append(f"# ---- {base_path}")
     out += [f"# (set by mape-daemon above) {line}" if _key(line) in OURS else line for line in base]
     return "\n".join(out) + "\n"
