@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import forwards, upnp
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, ForwardConfig, load
 from .errors import CannotRunHere, MapeError
 from .reconciler import Reconciler, SyncResult
 from .record import RecordFile, exclusive
@@ -140,6 +140,7 @@ class Service:
         self.pending: Config | None = None  # a reloaded config, swapped in between two syncs
         self.loaded_at = time.time()
         self.conflicts: tuple[str, ...] = ()
+        self.active: list[ForwardConfig] = []  # forwards inside the last mapping's port set
         self.unavailable: list[str] = []  # forwards outside the port set, as said in the journal
         self.holding = False
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
@@ -251,7 +252,7 @@ class Service:
             log.info("conflict resolved: %s", c, extra=fields(result, "conflict", cause))
         self.conflicts = result.conflicts
         if result.params is not None:  # while MAP-E is off, what was said stays said
-            unavailable = forwards.split(self.config, result.params.port_ranges)[1]
+            self.active, unavailable = forwards.split(self.config, result.params.port_ranges)
             for u in sorted(set(unavailable) - set(self.unavailable)):
                 log.warning("%s; disabled until the port set holds it", u,
                             extra=fields(result, "forward-unavailable", cause))  # fmt: skip
@@ -286,7 +287,7 @@ class Service:
 
     def _write_status(self, result: SyncResult) -> None:
         p = result.params
-        active = forwards.split(self.config, p.port_ranges)[0] if p is not None else []
+        active = self.active if p is not None else []
         write_json(self.state_dir / "state.json", {
             "pid": os.getpid(),
             "last_sync": result.started,
