@@ -18,7 +18,7 @@ from tests.kernel.conftest import running_lab
 from tests.kernel.systemd.conftest import CONF, CONFIG, active, journal, run, use_namespace
 from tests.kernel.test_forwards_lab import reach
 from tests.lab import traffic
-from tests.lab.netns import call, spawn
+from tests.lab.netns import call, sh, spawn
 from tests.lab.topo import LAN_GW, wait_for
 
 DROPIN = Path("/etc/systemd/system/miniupnpd.service.d")
@@ -128,5 +128,4 @@ def test_upnp_grants_only_ports_of_the_set_and_follows_a_renumbering(package, tm
             run("systemctl", "stop", "mape-daemon", "miniupnpd", check=False)
             shutil.rmtree(DROPIN)
             run("systemctl", "daemon-reload")
-        assert "inet miniupnpd" not in subprocess.run(["ip", "netns", "exec", lab.ce, "nft", "list", "tables"],
-                                                      capture_output=True, text=True).stdout  # fmt: skip
+        assert "inet miniupnpd" not in sh(lab.ce, "nft", "list", "tables")
