@@ -163,6 +163,7 @@ def test_the_service_keeps_miniupnpd_in_step_and_says_a_failure_once(tmp_path, c
         assert asyncio.run(s.sync_once("event"))
     failed = [r for r in caplog.records if getattr(r, "MAPE_EVENT", "") == "upnp"]
     assert len(failed) == 1 and failed[0].getMessage() == "upnp.restart `false` exited 1 (retrying)"
+    assert s.runner.schedule.wake_at - s.runner.clock() == pytest.approx(60, abs=5)  # retried in a minute
     state = json.loads((tmp_path / "state" / "state.json").read_text())
     assert state["upnp"]["problem"] == "upnp.restart `false` exited 1"
 
