@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from ipaddress import IPv6Address, IPv6Network
 from pathlib import Path
 
+from mape_daemon.actions import Action, FirewallChange, NetAction, NftChange, RpFilterChange
 from mape_daemon.config import parse
-from mape_daemon.kernel import LinuxKernel, make_chains
+from mape_daemon.kernel import make_kernel
 from mape_daemon.kernel.netfilter_restore import restore_script
 from mape_daemon.kernel.nftables import FAMILY, TABLE, digest, libnftables
-from mape_daemon.plan import Action, FirewallChange, NetAction, NftChange, RpFilterChange
 from mape_daemon.reconciler import Reconciler
 from mape_daemon.record import RecordFile
 from mape_daemon.state import Address, Route, RoutingRule, Tunnel
@@ -180,7 +180,7 @@ def goal(ratio: float, limit: float, why_missed: str = "") -> str:
 def converge_rows(lab: Lab, backend: str, rounds: int = 3) -> tuple[list[dict], float]:
     """Converge from nothing and a no-op sync, against the floor; returns the rows and the median
     CPU of one no-op sync."""
-    r = Reconciler(parse(CONFIG), LinuxKernel(make_chains(backend)), RecordFile(lab.dir / f"state-{backend}"))
+    r = Reconciler(parse(CONFIG), make_kernel(backend), RecordFile(lab.dir / f"state-{backend}"))
     with r.kernel.session():
         plan = r.compute().plan
     floor = Floor.of(plan.actions)
@@ -229,8 +229,8 @@ def converge_rows(lab: Lab, backend: str, rounds: int = 3) -> tuple[list[dict], 
         _, used = measured(once)
         assert result is not None and result.ok and not result.plan and result.writes == 0
         noop.append(used)
-    forks = getattr(r.kernel.iptables, "forks", 0)
-    assert r.sync().ok and getattr(r.kernel.iptables, "forks", 0) == forks, "a no-op sync forked"
+    forks = getattr(r.kernel.chains, "forks", 0)
+    assert r.sync().ok and getattr(r.kernel.chains, "forks", 0) == forks, "a no-op sync forked"
     blind = statistics.median(floor_cpu)
     noop_cpu = statistics.median(noop)
     rows.append(row(f"no-op sync, {backend}: CPU", noop_cpu, "s", blind, "a blind re-apply (the floor's CPU)",
@@ -245,7 +245,7 @@ def converge_rows(lab: Lab, backend: str, rounds: int = 3) -> tuple[list[dict], 
 def renumber_rows(lab: Lab, rounds: int = 6) -> list[dict]:
     """The daemon's share of a renumbering against the floor for changes of the same size. Rounds
     alternate (ours, floor), each to a fresh prefix under the same rule."""
-    r = Reconciler(parse(CONFIG), LinuxKernel(make_chains("nftables")), RecordFile(lab.dir / "state-renumber"))
+    r = Reconciler(parse(CONFIG), make_kernel("nftables"), RecordFile(lab.dir / "state-renumber"))
     assert r.sync().ok
     ours, floor, sizes = [], [], set()
     for i in range(2 * rounds):

@@ -12,7 +12,7 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network
 from . import maprules
 from .config import DEFAULT_PATH, Config, ConfigError, load
 from .errors import CannotRunHere, MapeError
-from .mapcalc import IidLayout, MapParams, MappingError, MapRule, compute, nearest, port_ranges
+from .mapcalc import IidLayout, MapParams, MappingError, MapRule, compute, nearest, port_ranges, range_text
 
 EXIT_FAILURE = 1  # the kernel refused or something else went wrong at run time
 EXIT_USAGE = 2  # argparse's own code for bad arguments; also bad input to calc
@@ -77,7 +77,7 @@ def params_to_json(p: MapParams) -> dict:
 
 def compact_ranges(ranges: Sequence[tuple[int, int]], head: int = 3) -> str:
     """`1376-1391, 2400-2415, 3424-3439, ..., 64864-64879` for a long port set."""
-    shown = [f"{lo}-{hi}" if hi > lo else str(lo) for lo, hi in ranges]
+    shown = [range_text(r) for r in ranges]
     if len(shown) > head + 1:
         shown = [*shown[:head], "...", shown[-1]]
     return ", ".join(shown)
@@ -197,11 +197,11 @@ def state_dir():
 
 
 def make_reconciler(config: Config | None, records):
-    from .kernel import LinuxKernel, make_chains
+    from .kernel import make_kernel
     from .reconciler import Reconciler
 
     backend = config.firewall.backend if config else "auto"
-    return Reconciler(config, LinuxKernel(make_chains(backend, records.record.backend)), records)
+    return Reconciler(config, make_kernel(backend, records.record.backend), records)
 
 
 def describe_selection(result_or_computed) -> str:

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import maprules
-from .mapcalc import IidLayout, MappingError, MapRule
+from .mapcalc import IidLayout, MappingError, MapRule, range_text
 
 DEFAULT_PATH = Path("/etc/mape-daemon/mape.toml")
 IFNAMSIZ = 16  # the kernel's limit, with the terminating NUL
@@ -200,8 +200,8 @@ class ForwardConfig(Model):
         return parse_port_spec(self.port)
 
     def describe(self) -> str:
-        lo, hi = self.external
-        ext = f"{lo}-{hi}" if hi > lo else str(lo)
+        lo, _ = self.external
+        ext = range_text(self.external)
         to = f"{self.to}:{self.to_port}" if self.to_port and self.to_port != lo else str(self.to)
         return f"{self.name + ' ' if self.name else ''}{self.protocol} {ext} -> {to}"
 

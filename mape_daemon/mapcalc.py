@@ -148,6 +148,12 @@ class Nearest:
         return f"port {self.port}: not in the set; {self.usable()}"
 
 
+def range_text(r: tuple[int, int]) -> str:
+    """A port range as iptables, nft and miniupnpd write it: "1376-1391", or "25565" alone."""
+    lo, hi = r
+    return f"{lo}-{hi}" if hi > lo else str(lo)
+
+
 def without(ranges: Sequence[tuple[int, int]], taken: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """The ports of `ranges` not in `taken`, as contiguous ranges in the order of `ranges`."""
     out = []

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from . import desired as desired_mod
+from .actions import Action, ConntrackCleanup, Plan
 from .config import Config
 from .errors import ConflictError
-from .kernel.netlink import describe_foreign
 from .mapcalc import MapParams, MappingError
-from .plan import Action, ConntrackCleanup, FirewallChange, NetAction, NftChange, Plan, RpFilterChange, diff
+from .plan import diff
 from .prefix import Selection, map_address, select
-from .record import Mapping, RecordFile
-from .state import NOTHING, Address, Observed, Query, State, Tunnel, WanAddress
+from .record import AppliedMapping, RecordFile
+from .state import MAIN_TABLE, NOTHING, Observed, Query, State, WanAddress
 
 
 class KernelPort(Protocol):
@@ -38,6 +38,7 @@ class KernelPort(Protocol):
     def nft_matches(self, script: str | None, listed: str | None) -> bool: ...
     def bind_canonical(self, canonical: dict[str, str]) -> None: ...
     def apply(self, action: Action) -> None: ...
+    def committed_by_child(self, pid: int) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class SyncResult:
     started: float = field(default_factory=time.time)
     conflicts: tuple[str, ...] = ()
     recheck_in: float | None = None
-    previous: Mapping | None = None  # the mapping before this sync
+    previous: AppliedMapping | None = None  # the mapping before this sync
     wan: tuple[WanAddress, ...] = ()  # the WAN's addresses as this sync saw them
     conntrack_deleted: int = 0
 
@@ -74,12 +75,12 @@ class SyncResult:
         return self.error is None
 
 
-def mapping_of(selection: Selection) -> Mapping | None:
+def mapping_of(selection: Selection) -> AppliedMapping | None:
     p = selection.params
     if p is None:
         return None
     source = selection.source.address if selection.source else str(p.end_user_prefix.network_address)
-    return Mapping(str(p.end_user_prefix), source, str(p.ipv4), p.psid, [tuple(r) for r in p.port_ranges])
+    return AppliedMapping(str(p.end_user_prefix), source, str(p.ipv4), p.psid, [tuple(r) for r in p.port_ranges])
 
 
 def _describe_conflicts(cfg: Config, want: State, obs: Observed) -> tuple[State, list[str]]:
@@ -96,10 +97,10 @@ def _describe_conflicts(cfg: Config, want: State, obs: Observed) -> tuple[State,
             "IPv4 does not go by MAP-E. If it is pppd's, add `nodefaultroute` to its options (PPPoE keeps "
             "working through the policy routing); otherwise remove that route or set route.metric to a free "
             "metric (the lowest metric wins)"
-            if r.table == 254
+            if r.table == MAIN_TABLE
             else "pick another pppoe.table, or remove that route (we add the same route ourselves)"
         )
-        notes.append(f"route slot taken: {describe_foreign(theirs)} is another program's, where we want our "
+        notes.append(f"route slot taken: {theirs.describe_foreign()} is another program's, where we want our "
                      f"{r.describe()}: {advice}")  # fmt: skip
     rules = set(want.rules)
     for rule in sorted(want.rules & obs.foreign_rules):
@@ -133,7 +134,7 @@ class Reconciler:
         cfg, rec = self.config, self.record
         tunnels = set(rec.tunnels) | ({cfg.tunnel.name} if cfg else set())
         rp = set(rec.rp_filter) | ({cfg.pppoe.interface} if cfg and cfg.pppoe else set())
-        tables = {254} | ({cfg.pppoe.table} if cfg and cfg.pppoe else set()) if cfg else set()
+        tables = {MAIN_TABLE} | ({cfg.pppoe.table} if cfg and cfg.pppoe else set()) if cfg else set()
         wan = cfg.wan.interface if cfg else next((i for i, _ in rec.addresses), "")
         return Query(wan, frozenset(tunnels), frozenset(rec.addresses), frozenset(rp), frozenset(tables))
 
@@ -167,8 +168,8 @@ class Reconciler:
         # Loose (or off) already counts as present; ours to give back only while it is still our 2.
         effective = {i: max(v, obs.rp_filter.get("all", 0)) for i, v in obs.rp_filter.items() if i != "all"}
         loose = {i for i, v in effective.items() if v != 1 and (i not in rec.rp_filter or obs.rp_filter[i] == 2)}
-        return State(frozenset(tunnels), frozenset(addresses), obs.routes, obs.rules, frozenset(loose), obs.chains,
-                     obs.jumps, obs.nft)  # fmt: skip
+        return State(tunnels=frozenset(tunnels), addresses=frozenset(addresses), routes=obs.routes, rules=obs.rules,
+                     loose_rp=frozenset(loose), chains=obs.chains, jumps=obs.jumps, nft=obs.nft)  # fmt: skip
 
     def compute(self, teardown: bool = False) -> Computed:
         cfg, rec = self.config, self.record
@@ -254,43 +255,7 @@ class Reconciler:
 
     @staticmethod
     def _repairs_nat(plan: Plan) -> bool:
-        return any(
-            (isinstance(a, FirewallChange) and a.table == "nat" and (a.replace or a.add_jumps))
-            or isinstance(a, NftChange)
-            for a in plan.actions
-        )
-
-    def _note_intent(self, action: Action, observed: Observed) -> None:
-        """Write down what we are about to create, before creating it."""
-        rec = self.record
-        if isinstance(action, NetAction) and action.op == "add":
-            if isinstance(action.obj, Tunnel) and action.obj.name not in rec.tunnels:
-                rec.tunnels.append(action.obj.name)
-            elif isinstance(action.obj, Address) and action.obj.family == 6:
-                key = (action.obj.ifname, action.obj.address)
-                if key not in rec.addresses:
-                    rec.addresses.append(key)
-        elif isinstance(action, RpFilterChange) and action.ifname not in rec.rp_filter:
-            rec.rp_filter[action.ifname] = str(observed.rp_filter.get(action.ifname, 1))
-        elif (isinstance(action, FirewallChange) and (action.replace or action.add_jumps)) or (
-            isinstance(action, NftChange) and action.script and self.kernel.backend == "nftables"
-        ):
-            rec.backend = self.kernel.backend
-        elif isinstance(action, ConntrackCleanup) and action.to_json() not in rec.pending_conntrack:
-            rec.pending_conntrack.append(action.to_json())
-
-    def _note_done(self, action: Action) -> None:
-        """Forget what we removed, once it is gone."""
-        rec = self.record
-        if isinstance(action, NetAction) and action.op == "del":
-            if isinstance(action.obj, Tunnel):
-                rec.tunnels = [n for n in rec.tunnels if n != action.obj.name]
-            elif isinstance(action.obj, Address):
-                rec.addresses = [a for a in rec.addresses if a != (action.obj.ifname, action.obj.address)]
-        elif isinstance(action, RpFilterChange) and action.value != "2":
-            rec.rp_filter.pop(action.ifname, None)
-        elif isinstance(action, ConntrackCleanup):
-            rec.pending_conntrack = [d for d in rec.pending_conntrack if d != action.to_json()]
+        return any(a.repairs_nat for a in plan.actions)
 
     def _settle(self, computed: Computed) -> None:
         """After a whole plan went through: the mapping now in place, and record entries of objects
@@ -326,11 +291,11 @@ class Reconciler:
             )
             try:
                 for action in computed.plan.actions:
-                    self._note_intent(action, computed.observed)
+                    action.note_intent(self.record, computed.observed.rp_filter, self.kernel.backend)
                     self.records.save()  # written down before it exists (a no-op when unchanged)
                     self.before_apply(action)
                     self.kernel.apply(action)
-                    self._note_done(action)
+                    action.note_done(self.record)
                     result.applied += 1
                 self._settle(computed)
             except Exception as e:

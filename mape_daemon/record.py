@@ -30,7 +30,7 @@ CANONICAL_KEPT = 8  # learned nft listings kept (one per table script seen latel
 
 
 @dataclass
-class Mapping:
+class AppliedMapping:
     """The MAP-E parameters last applied (what connections were NATed to)."""
 
     prefix: str
@@ -49,7 +49,7 @@ class Record:
     tunnels: list[str] = field(default_factory=list)
     addresses: list[tuple[str, str]] = field(default_factory=list)  # (ifname, CE address) /128s we added
     rp_filter: dict[str, str] = field(default_factory=dict)  # ifname -> the value before we loosened it
-    mapping: Mapping | None = None
+    mapping: AppliedMapping | None = None
     pending_conntrack: list[dict[str, Any]] = field(default_factory=list)
     nft_canonical: dict[str, str] = field(default_factory=dict)
 
@@ -68,7 +68,7 @@ class Record:
             tunnels=list(data.get("tunnels", [])),
             addresses=[tuple(a) for a in data.get("addresses", [])],  # type: ignore[misc]
             rp_filter=dict(data.get("rp_filter", {})),
-            mapping=Mapping(**{**mapping, "ranges": [tuple(r) for r in mapping["ranges"]]}) if mapping else None,
+            mapping=AppliedMapping(**{**mapping, "ranges": [tuple(r) for r in mapping["ranges"]]}) if mapping else None,
             pending_conntrack=list(data.get("pending_conntrack", [])),
             nft_canonical=dict(data.get("nft_canonical", {})),
         )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -356,7 +355,7 @@ class Service:
         """Run one event source for good: resubscribed at once after an overflow (events were
         lost, so a full sync runs), restarted with backoff if it dies. `bound` resolves once it is
         subscribed, or fails with the reason it could not be."""
-        from pyroute2.netlink.exceptions import NetlinkError
+        from .kernel import overflowed
 
         delay = 1.0
 
@@ -374,8 +373,7 @@ class Service:
                 if not bound.done():
                     bound.set_exception(e)
                     return
-                # pyroute2 reports an overflowed socket as NetlinkError, raw sockets as OSError: ENOBUFS.
-                overflow = (e.code if isinstance(e, NetlinkError) else getattr(e, "errno", None)) == errno.ENOBUFS
+                overflow = overflowed(e)
                 self.watcher_restarts += 1
                 extra = {"MAPE_EVENT": "watcher", "MAPE_CAUSE": "event", "MAPE_TRIGGER": cause}
                 if overflow:
@@ -401,7 +399,7 @@ class Service:
         kernel names the committing thread, and our syncs commit from a worker thread."""
         if pid is not None:
             ours = (pid == os.getpid() or os.path.exists(f"/proc/self/task/{pid}")
-                    or pid in getattr(self.reconciler.kernel.iptables, "writers", ()))  # fmt: skip
+                    or self.reconciler.kernel.committed_by_child(pid))  # fmt: skip
         else:
             ours = self.own_generation is not None and generation <= self.own_generation
         if not ours:
@@ -495,7 +493,7 @@ def _stop_before(spec: str, syncs: Callable[[], int]) -> Callable[[Any], None]:
 
 
 def main(config_path: str) -> int:
-    from .kernel import LinuxKernel, make_chains
+    from .kernel import LinuxKernel, make_kernel
 
     setup_logging()
     config = load(config_path)  # a ConfigError here exits 78 (cli)
@@ -506,6 +504,6 @@ def main(config_path: str) -> int:
         records = RecordFile(STATE_DIR)
 
         def make_kernel(cfg: Config) -> LinuxKernel:
-            return LinuxKernel(make_chains(cfg.firewall.backend, records.record.backend))
+            return make_kernel(cfg.firewall.backend, records.record.backend)
 
         return asyncio.run(Service(config_path, config, records, make_kernel).run())

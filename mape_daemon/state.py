@@ -1,5 +1,8 @@
 """The kernel objects mape-daemon owns, as plain values: what `desired` builds, what the kernel
-adapters observe, and what `plan.diff` compares."""
+adapters observe, and what `plan.diff` compares.
+
+Each kind of object says what it is in words (`describe` for `plan`, `title` for the journal),
+which noun counts it, and on which device it lives (it vanishes with that device)."""
 
 from __future__ import annotations
 
@@ -25,6 +28,13 @@ class Tunnel:
     mode: str = "ipip6"  # observed otherwise (ip6ip6, any) means someone else's settings
     encap_limit: str = "none"
     up: bool = True
+
+    category = "tunnel"  # names its kernel handler and debug stop point (MAPE_DEBUG_STOP_BEFORE)
+    noun = "tunnel"  # what `report.summary` counts it as
+    device = None  # it is the device
+
+    def title(self) -> str:
+        return f"tunnel {self.name}"
 
     def describe(self) -> str:
         return (
@@ -54,9 +64,18 @@ class Address:
     address: str
     prefixlen: int
 
+    category = noun = "address"
+
     @property
     def family(self) -> int:
         return 6 if ":" in self.address else 4
+
+    @property
+    def device(self) -> str:
+        return self.ifname
+
+    def title(self) -> str:
+        return f"{'CE address' if self.family == 6 else 'MAP IPv4'} {self.address}/{self.prefixlen} on {self.ifname}"
 
     def describe(self) -> str:
         extra = " nodad noprefixroute" if self.family == 6 else ""
@@ -74,6 +93,12 @@ class Route:
     family: int = 4
     kind: str = "unicast"
 
+    category = noun = "route"
+
+    @property
+    def device(self) -> str:
+        return self.dev
+
     @property
     def key(self) -> tuple[int, int, str, int]:
         """What the kernel keys a route on: one route per key, ours or another program's."""
@@ -85,6 +110,21 @@ class Route:
         dev = f" dev {self.dev}" if self.dev else ""
         return f"route {where}{self.dst}{dev}{table} metric {self.metric} proto {RT_PROTO}"
 
+    def describe_foreign(self, proto: int | None = None) -> str:
+        """Another program's route, in `ip route` words."""
+        table = "main" if self.table == MAIN_TABLE else str(self.table)
+        where = "unreachable " if self.kind == "unreachable" else ""
+        dev = f" dev {self.dev}" if self.dev else ""
+        return f"{where}{self.dst}{dev} table {table} metric {self.metric}" + (
+            f" proto {proto}" if proto is not None else ""
+        )
+
+    def title(self) -> str:
+        table = "" if self.table == MAIN_TABLE else f" in table {self.table}"
+        if self.kind == "unreachable":
+            return f"unreachable default{table} (PPPoE-only traffic fails closed there)"
+        return f"{'default route' if self.dst == 'default' else 'route ' + self.dst} via {self.dev}{table}"
+
 
 @dataclass(frozen=True, order=True)
 class RoutingRule:
@@ -93,6 +133,14 @@ class RoutingRule:
     mask: int
     table: int
     suppress_prefixlength: int = -1  # -1: not set
+
+    category = "routingrule"
+    noun = "rule"
+    device = None
+
+    def title(self) -> str:
+        target = "main without its default" if self.suppress_prefixlength == 0 else f"table {self.table}"
+        return f"rule {self.priority} (fwmark {self.fwmark:#x}/{self.mask:#x} -> {target})"
 
     def describe(self) -> str:
         sup = f" suppress_prefixlength {self.suppress_prefixlength}" if self.suppress_prefixlength >= 0 else ""
@@ -107,6 +155,7 @@ class Chain:
     table: str
     name: str
     rules: tuple[str, ...]
+    words: str = field(default="", compare=False)  # what it is, for the journal (from its firewall feature)
 
 
 @dataclass(frozen=True, order=True)
@@ -128,6 +177,7 @@ class State:
     chains: frozenset[Chain] = frozenset()
     jumps: tuple[Jump, ...] = field(default=())  # observed ones may repeat; the plan removes extras
     nft: str | None = None  # our nftables table `ip mape`, as a script
+    nft_words: tuple[str, ...] = field(default=(), compare=False)  # what the table holds, for the journal
 
     @property
     def tunnel(self) -> Tunnel | None:

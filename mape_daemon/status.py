@@ -32,8 +32,7 @@ def port_usage(ports: list[tuple[str, int]], ranges: list[tuple[int, int]]) -> d
 
 
 def collect(state_dir: Path) -> dict[str, Any]:
-    from .kernel import conntrack, managers
-    from .kernel.netlink import Netlink
+    from .kernel import LinuxKernel
     from .mapcalc import port_ranges
 
     path = state_dir / "state.json"
@@ -42,17 +41,14 @@ def collect(state_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {"ok": False, "error": f"no state at {path}: is mape-daemon running?"}
     tunnel = state.get("tunnel_name", "ip6tnl1")
-    nl = Netlink()
-    try:
-        live = nl.tunnels().get(tunnel)
-    finally:
-        nl.close()
+    kernel = LinuxKernel(None)  # reads only: no netfilter backend needed
+    live = kernel.tunnel(tunnel)
     state["tunnel"] = {"name": tunnel, "present": live is not None, "up": bool(live and live.up),
                        "local": live.local if live else None, "remote": live.remote if live else None}  # fmt: skip
-    state["managers"] = managers.detect(state.get("wan", ""), tunnel)
+    state["managers"] = kernel.managers(state.get("wan", ""), tunnel)
     if state.get("ipv4") and state.get("psid") is not None:
         ranges = list(port_ranges(state["psid"], state["psid_len"], state["psid_offset"]))
-        state["ports_in_use"] = port_usage(conntrack.nat_ports(state["ipv4"]), ranges)
+        state["ports_in_use"] = port_usage(kernel.nat_ports(state["ipv4"]), ranges)
     return state
 
 

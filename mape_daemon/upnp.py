@@ -13,16 +13,13 @@ mapping the file refuses every request, and miniupnpd keeps running to be restar
 from __future__ import annotations
 
 import hashlib
-import os
-import shlex
-import socket
-import subprocess
-import tempfile
 from pathlib import Path
 
 from . import desired
 from .config import Config, UpnpConfig
-from .mapcalc import MapParams, without
+from .files import write_atomic
+from .kernel import commands
+from .mapcalc import MapParams, range_text, without
 
 # Keys of the user's miniupnpd.conf that we set: theirs are kept, commented out.
 OURS = ("ext_ifname", "ext_ip", "ext_perform_stun", "ext_stun_host", "ext_stun_port")
@@ -37,10 +34,6 @@ CLOSED = f"# No MAP-E mapping now (no prefix, or mape-daemon stopped): every req
 
 class UpnpError(Exception):
     """miniupnpd could not be brought in step: said in the journal, retried at the next sync."""
-
-
-def _ports(lo: int, hi: int) -> str:
-    return f"{lo}-{hi}" if hi > lo else str(lo)
 
 
 def _key(line: str) -> str | None:
@@ -72,7 +65,7 @@ def render(base_text: str, base_path: Path, params: MapParams, cfg: Config) -> s
         out.append(f"ext_ifname6={_value(base, 'ext_ifname') or cfg.wan.interface}")
     out += [f"{key}={TABLE}" for key in TABLE_KEYS if _value(base, key) is None]
     out.append("# Only the set's ports: the BR sends this line no other; the first rule that matches wins.")
-    out += [f"deny {_ports(lo, hi)} {ANY}" for lo, hi in without(((0, 65535),), allow)]
+    out += [f"deny {range_text(r)} {ANY}" for r in without(((0, 65535),), allow)]
     out.append(f"# ---- {base_path}")
     out += [f"# (set by mape-daemon above) {line}" if _key(line) in OURS else line for line in base]
     return "\n".join(out) + "\n"
@@ -100,7 +93,7 @@ class Miniupnpd:
                 base = settings.base.read_text()
             except OSError as e:
                 raise UpnpError(f"cannot read upnp.base {settings.base}: {e.strerror or e}") from None
-            text, index = render(base, settings.base, params, cfg), _ifindex(cfg.tunnel.name)
+            text, index = render(base, settings.base, params, cfg), commands.ifindex(cfg.tunnel.name)
         key, offering = (text, index), params and str(params.ipv4)
         if self.done is None and _read(_applied(settings.file)) == _stamp(key):
             self.done, self.offering = key, offering  # our predecessor restarted miniupnpd on just this
@@ -159,33 +152,16 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _ifindex(name: str) -> int:
-    try:
-        return socket.if_nametoindex(name)
-    except OSError:
-        return 0
-
-
 def _write(path: Path, text: str) -> None:
     """Atomically, readable by miniupnpd (our unit's umask is 077)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".miniupnpd-")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        write_atomic(path, text, mode=0o644)
     except OSError as e:
         raise UpnpError(f"cannot write upnp.file {path}: {e.strerror or e}") from None
 
 
 def _restart(settings: UpnpConfig) -> None:
     try:
-        done = subprocess.run(shlex.split(settings.restart), capture_output=True, text=True,
-                              timeout=RESTART_TIMEOUT, stdin=subprocess.DEVNULL)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise UpnpError(f"upnp.restart `{settings.restart}` failed: {e}") from None
-    if done.returncode != 0:
-        said = (done.stderr or done.stdout).strip().splitlines()
-        raise UpnpError(f"upnp.restart `{settings.restart}` exited {done.returncode}"
-                        + (f": {said[-1]}" if said else ""))  # fmt: skip
+        commands.run(settings.restart, RESTART_TIMEOUT)
+    except commands.CommandFailed as e:
+        raise UpnpError(f"upnp.restart {e}") from None

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 
+from mape_daemon.actions import Action, ConntrackCleanup, FirewallChange, NetAction, NftChange, RpFilterChange
 from mape_daemon.errors import CannotRunHere, ConflictError, RetryableError
-from mape_daemon.plan import Action, ConntrackCleanup, FirewallChange, NetAction, NftChange, RpFilterChange
 from mape_daemon.state import (
     BUILTIN_CHAINS,
     CHAIN_PREFIX,
@@ -76,7 +76,7 @@ class FakeKernel:
 
     def apply_del_tunnel(self, name: str) -> None:
         """Someone deletes the tunnel by hand (with it go its addresses and routes)."""
-        self._net(NetAction("del", self.tunnels[name]))
+        self._tunnel(NetAction("del", self.tunnels[name]))
 
     def snapshot(self) -> tuple:
         tables = [sorted((k, tuple(v)) for k, v in d.items()) for d in (self.chains, self.builtin)]
@@ -126,74 +126,89 @@ class FakeKernel:
             self.fail_on = None
             raise RetryableError(f"injected failure of {action}")
         self.writes += 1
-        if isinstance(action, ConntrackCleanup):
-            self.cleanups.append(action)
-        elif isinstance(action, FirewallChange):
-            if self.backend == "nftables":
-                raise RuntimeError(f"the nftables backend has no iptables chains to change: {action}")
-            self.iptables.apply(action)
-        elif isinstance(action, NftChange):
-            self.nft = action.script
-        elif isinstance(action, RpFilterChange):
-            self._need_link(action.ifname)
-            self.rp_filter[action.ifname] = int(action.value)
-        else:
-            self._net(action)
+        handlers = {"conntrack": self.cleanups.append, "firewall": self._firewall, "nft": self._nft,
+                    "rp_filter": self._rp_filter, "tunnel": self._tunnel, "address": self._address,
+                    "route": self._route, "routingrule": self._routingrule}  # fmt: skip
+        handlers[action.kind](action)
+
+    def committed_by_child(self, pid: int) -> bool:
+        return False
+
+    def _firewall(self, action: FirewallChange) -> None:
+        if self.backend == "nftables":
+            raise RuntimeError(f"the nftables backend has no iptables chains to change: {action}")
+        self.iptables.apply(action)
+
+    def _nft(self, action: NftChange) -> None:
+        self.nft = action.script
+
+    def _rp_filter(self, action: RpFilterChange) -> None:
+        self._need_link(action.ifname)
+        self.rp_filter[action.ifname] = int(action.value)
 
     def _need_link(self, name: str) -> None:
         if name not in self.links:
             raise RetryableError(f"interface {name} does not exist")
 
-    def _net(self, action: NetAction) -> None:
+    def _tunnel(self, action: NetAction) -> None:
         obj, op = action.obj, action.op
-        if isinstance(obj, Tunnel):
-            if op == "add":
-                self._need_link(obj.link)
-                if not self.ip6tnl:
-                    raise CannotRunHere(f"create tunnel {obj.name}: this kernel has no ip6tnl support")
-                if obj.name in self.tunnels and self.tunnels[obj.name].settable(obj):
-                    return  # ours, from an earlier try whose answer was lost (as the real adapter)
-                if obj.name in self.links:
-                    raise ConflictError(f"interface {obj.name} already exists")
-                if any((t.local, t.remote) == (obj.local, obj.remote) for t in self.tunnels.values()):
-                    raise ConflictError(f"an ip6tnl already connects {obj.local} to {obj.remote}")
-                self.tunnels[obj.name] = obj
-                self.links[obj.name] = "ip6tnl"
-            elif op == "set":
-                self.tunnels[obj.name] = obj
-            elif obj.name in self.tunnels:
-                del self.tunnels[obj.name]
-                del self.links[obj.name]
-                self.addresses = {a for a in self.addresses if a.ifname != obj.name}
-                self.routes = {r: p for r, p in self.routes.items() if r.dev != obj.name}
-        elif isinstance(obj, Address):
-            if op == "add":
-                self._need_link(obj.ifname)
-                if obj.family == 6:
-                    self.ce_addrs.add((obj.ifname, obj.address))
-                else:
-                    self.addresses.add(obj)
+        assert isinstance(obj, Tunnel)
+        if op == "add":
+            self._need_link(obj.link)
+            if not self.ip6tnl:
+                raise CannotRunHere(f"create tunnel {obj.name}: this kernel has no ip6tnl support")
+            if obj.name in self.tunnels and self.tunnels[obj.name].settable(obj):
+                return  # ours, from an earlier try whose answer was lost (as the real adapter)
+            if obj.name in self.links:
+                raise ConflictError(f"interface {obj.name} already exists")
+            if any((t.local, t.remote) == (obj.local, obj.remote) for t in self.tunnels.values()):
+                raise ConflictError(f"an ip6tnl already connects {obj.local} to {obj.remote}")
+            self.tunnels[obj.name] = obj
+            self.links[obj.name] = "ip6tnl"
+        elif op == "set":
+            self.tunnels[obj.name] = obj
+        elif obj.name in self.tunnels:
+            del self.tunnels[obj.name]
+            del self.links[obj.name]
+            self.addresses = {a for a in self.addresses if a.ifname != obj.name}
+            self.routes = {r: p for r, p in self.routes.items() if r.dev != obj.name}
+
+    def _address(self, action: NetAction) -> None:
+        obj, op = action.obj, action.op
+        assert isinstance(obj, Address)
+        if op == "add":
+            self._need_link(obj.ifname)
+            if obj.family == 6:
+                self.ce_addrs.add((obj.ifname, obj.address))
             else:
-                self.ce_addrs.discard((obj.ifname, obj.address))
-                self.addresses.discard(obj)
-        elif isinstance(obj, Route):
-            if op == "del":
-                if self.routes.get(obj) == RT_PROTO:
-                    del self.routes[obj]
-            else:
-                if obj.dev:
-                    self._need_link(obj.dev)
-                holder = next((r for r in self.routes if r.key == obj.key), None)
-                if holder is not None and (holder != obj or self.routes[holder] != RT_PROTO):
-                    raise ConflictError(f"route slot {obj.key} is taken")  # exclusive create
-                self.routes[obj] = RT_PROTO
-        elif isinstance(obj, RoutingRule):
-            if op == "add":
-                if self.rules.get(obj, RT_PROTO) != RT_PROTO:
-                    raise ConflictError(f"an identical rule exists: {obj}")
-                self.rules[obj] = RT_PROTO
-            elif self.rules.get(obj) == RT_PROTO:
-                del self.rules[obj]
+                self.addresses.add(obj)
+        else:
+            self.ce_addrs.discard((obj.ifname, obj.address))
+            self.addresses.discard(obj)
+
+    def _route(self, action: NetAction) -> None:
+        obj, op = action.obj, action.op
+        assert isinstance(obj, Route)
+        if op == "del":
+            if self.routes.get(obj) == RT_PROTO:
+                del self.routes[obj]
+        else:
+            if obj.dev:
+                self._need_link(obj.dev)
+            holder = next((r for r in self.routes if r.key == obj.key), None)
+            if holder is not None and (holder != obj or self.routes[holder] != RT_PROTO):
+                raise ConflictError(f"route slot {obj.key} is taken")  # exclusive create
+            self.routes[obj] = RT_PROTO
+
+    def _routingrule(self, action: NetAction) -> None:
+        obj, op = action.obj, action.op
+        assert isinstance(obj, RoutingRule)
+        if op == "add":
+            if self.rules.get(obj, RT_PROTO) != RT_PROTO:
+                raise ConflictError(f"an identical rule exists: {obj}")
+            self.rules[obj] = RT_PROTO
+        elif self.rules.get(obj) == RT_PROTO:
+            del self.rules[obj]
 
 
 class FakeChains:

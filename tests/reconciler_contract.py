@@ -9,8 +9,8 @@ from typing import Protocol
 
 import pytest
 
+from mape_daemon.actions import FirewallChange, NetAction, NftChange
 from mape_daemon.config import Config, parse
-from mape_daemon.plan import FirewallChange, NetAction, NftChange
 from mape_daemon.reconciler import KernelPort, Reconciler
 from mape_daemon.record import RecordFile
 
@@ -113,7 +113,7 @@ def check_primitives_are_idempotent(world: World, cfg: Config) -> None:
     with world.kernel.session():
         plan = r.compute().plan
         for action in plan.actions:
-            r._note_intent(action, r.kernel.observe(r.query()))
+            action.note_intent(r.record, r.kernel.observe(r.query()).rp_filter, r.kernel.backend)
             world.kernel.apply(action)
             if isinstance(action, NetAction):
                 world.kernel.apply(action)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mape_daemon.kernel import make_chains
+from mape_daemon.kernel import make_kernel
 from mape_daemon.kernel.probe import auto_backend
 
 
@@ -23,6 +23,6 @@ def test_auto_follows_iptables_v_and_a_host_without_iptables_gets_nftables(tmp_p
 
 def test_auto_keeps_the_backend_our_state_lives_in():
     """After an upgrade that changed what `auto` picks, the running state is adopted, not moved."""
-    assert make_chains("auto", "iptables-nft").name == "iptables-nft"
-    assert make_chains("auto", "nftables").name == "nftables"
-    assert make_chains("nftables", "iptables-nft").name == "nftables"  # an explicit choice wins
+    assert make_kernel("auto", "iptables-nft").backend == "iptables-nft"
+    assert make_kernel("auto", "nftables").backend == "nftables"
+    assert make_kernel("nftables", "iptables-nft").backend == "nftables"  # an explicit choice wins

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from mape_daemon import desired, maprules
+from mape_daemon.actions import FirewallChange, NetAction, NftChange
 from mape_daemon.config import parse
 from mape_daemon.mapcalc import compute
-from mape_daemon.plan import FirewallChange, NetAction, NftChange, diff
+from mape_daemon.plan import diff
 from mape_daemon.state import NOTHING, Jump, Tunnel
 
 GOLDEN = Path(__file__).with_name("golden")

@@ -14,7 +14,7 @@ from ipaddress import IPv6Address
 
 import pytest
 
-from mape_daemon import desired, maprules
+from mape_daemon import desired, firewall, maprules
 from mape_daemon.config import parse
 from mape_daemon.kernel import conntrack
 from mape_daemon.kernel.netlink import Netlink
@@ -85,7 +85,7 @@ def guard_drops(router: str) -> int:
 
 def test_nft_table_is_replaced_whole_read_back_canonical_and_removed(topo):
     _, router, _ = topo
-    script = desired.companion_table(CFG, P)
+    script = desired.build(CFG, P).nft
     with inside(router):
         t = NftTable()
         t.replace(None)
@@ -104,7 +104,7 @@ def test_nft_table_is_replaced_whole_read_back_canonical_and_removed(topo):
 def test_guard_passes_what_snat_put_in_the_set_and_drops_the_rest(topo):
     client, router, _ = topo
     with inside(router):
-        NftTable().replace(desired.companion_table(CFG, P))
+        NftTable().replace(desired.build(CFG, P).nft)
     try:
         snat(router, True)
         lo, hi = P.port_ranges[3]
@@ -225,7 +225,7 @@ def test_native_table_without_its_snat_drops_in_the_guard_and_reserved_ports_are
     with inside(router):
         t = NftTable()
         t.replace(native())
-        sh(router, "nft", "flush", "chain", "ip", "mape", desired.NAT_CHAIN)  # someone flushed our SNAT
+        sh(router, "nft", "flush", "chain", "ip", "mape", firewall.NAT_CHAIN)  # someone flushed our SNAT
         assert t.expected(native()) != t.observe()  # the next sync sees it and replaces the table
         assert call(client, traffic.tcp_sequential, SERVER, 1, 80, 2)[0].startswith("error")  # fails closed
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from mape_daemon.actions import ConntrackCleanup, FirewallChange, NetAction, NftChange
 from mape_daemon.config import parse
-from mape_daemon.plan import ConntrackCleanup, FirewallChange, NetAction, NftChange
 from mape_daemon.reconciler import Reconciler
 from mape_daemon.record import RecordFile
 from mape_daemon.state import Jump, Route, Tunnel

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from mape_daemon import desired, maprules
+from mape_daemon.actions import FirewallChange
 from mape_daemon.config import parse
 from mape_daemon.kernel.netfilter_restore import restore_script
 from mape_daemon.mapcalc import compute
-from mape_daemon.plan import FirewallChange, diff, diff_firewall
+from mape_daemon.plan import diff, diff_firewall
 from mape_daemon.report import repair_lines, summary
 from mape_daemon.state import NOTHING
 

@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
+from mape_daemon.actions import NetAction
 from mape_daemon.config import parse
-from mape_daemon.plan import NetAction
 from mape_daemon.record import RecordFile
 from mape_daemon.service import EXIT_FAILURE, EXIT_UNAVAILABLE, Service
 from tests.fake_kernel import FakeKernel

@@ -104,7 +104,7 @@ def test_the_file_is_written_and_miniupnpd_restarted_only_when_something_changed
     with_forward = parse(config(tmp_path, FORWARD.replace("25952", str(MOVED.port_ranges[3][0]))))
     assert m.update(with_forward, MOVED) is not None  # a port left the pool
 
-    monkeypatch.setattr(upnp, "_ifindex", lambda name: 99)  # the tunnel recreated: miniupnpd's rules name index
+    monkeypatch.setattr(upnp.commands, "ifindex", lambda name: 99)  # the tunnel recreated: miniupnpd's rules name index
     said = m.update(with_forward, MOVED)
     assert said.startswith("miniupnpd restarted, the tunnel was recreated")
 

@@ -1,23 +1,32 @@
 """The one seam to the kernel: the only package that imports pyroute2, iptc, libnftables or
-subprocess.
+subprocess. It imports nothing of ours above `state` and `actions`.
 
-LinuxKernel observes and applies plan actions; the reconciler sees it only through its KernelPort
-protocol, which the test fake implements too. A sync runs inside `session()`: one rtnetlink socket
-for the whole sync, opened and closed in the thread that runs it.
+LinuxKernel observes and applies actions, each through the handler its `kind` names; the
+reconciler sees it only through its KernelPort protocol, which the test fake implements too. A
+sync runs inside `session()`: one rtnetlink socket for the whole sync, opened and closed in the
+thread that runs it. The backend is where our netfilter state lives: "iptables-nft",
+"iptables-legacy" (our MAPE-* chains, plus our nftables table for what iptables cannot say), or
+"nftables" (our table only, `chains` None).
 """
 
 from __future__ import annotations
 
+from ._pyroute2 import register_light
+
+register_light()  # before any module of ours imports pyroute2
+
 import contextlib
+import errno
 import os
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any, Protocol
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ..actions import Action, ConntrackCleanup, FirewallChange, NetAction
 from ..errors import RetryableError
-from ..plan import Action, ConntrackCleanup, FirewallChange, NetAction, NftChange, RpFilterChange
-from ..state import Address, Chain, Jump, Observed, Query, Route, RoutingRule, State, Tunnel
+from ..state import Address, Chain, Jump, Observed, Query, State, Tunnel
 from . import conntrack
 from .netlink import Netlink
 from .nftables import NftTable
@@ -26,10 +35,16 @@ from .nftevents import current_generation
 Netfilter = tuple[frozenset[Chain], tuple[Jump, ...], str | None]
 
 
+def overflowed(e: Exception) -> bool:
+    """An event socket that overflowed (events were lost). pyroute2 reports it as NetlinkError,
+    raw sockets as OSError: ENOBUFS."""
+    return (e.code if isinstance(e, NetlinkError) else getattr(e, "errno", None)) == errno.ENOBUFS
+
+
 class IptablesChains(Protocol):
     """Our MAPE-* chains in the iptables tables, through one tool or library."""
 
-    name: str
+    name: str  # the backend: iptables-nft or iptables-legacy
     writes: int
     in_nf_tables: bool  # its chains live in nf_tables: the ruleset generation moves when they change
 
@@ -38,59 +53,59 @@ class IptablesChains(Protocol):
     ) -> tuple[frozenset[Chain], tuple[Jump, ...]]: ...
     def observe(self) -> tuple[frozenset[Chain], tuple[Jump, ...]]: ...
     def apply(self, change: FirewallChange) -> None: ...
+    def committed(self, pid: int) -> bool: ...
 
 
-class NoChains:
-    """The nftables backend: everything of ours is in our nftables table, no iptables chain."""
-
-    name = "nftables"
-    writes = 0
-    in_nf_tables = True
-
-    def normalize(self, chains: frozenset[Chain], jumps: tuple[Jump, ...]) -> tuple[frozenset[Chain], tuple[Jump, ...]]:
-        return chains, jumps
-
-    def observe(self) -> tuple[frozenset[Chain], tuple[Jump, ...]]:
-        return frozenset(), ()
-
-    def apply(self, change: FirewallChange) -> None:
-        raise RuntimeError(f"the nftables backend has no iptables chains to change: {change}")
-
-
-def make_chains(backend: str, recorded: str | None = None) -> IptablesChains:
+def choose_backend(backend: str, recorded: str | None = None) -> str:
     """`auto` keeps the backend our state already lives in (`recorded`: an upgrade never moves
     it behind the user's back; `cleanup` does), else picks one for this host."""
     if backend == "auto":
         from .probe import auto_backend
 
-        backend = recorded or auto_backend()
+        return recorded or auto_backend()
+    return backend
+
+
+def make_kernel(backend: str, recorded: str | None = None) -> LinuxKernel:
+    """The adapter for `backend` (a config's firewall.backend), importing only what it uses."""
+    backend = choose_backend(backend, recorded)
     if backend == "nftables":
-        return NoChains()
+        return LinuxKernel(None)
     if backend == "iptables-legacy":
         from .netfilter_iptc import IptcChains
 
-        return IptcChains()
+        return LinuxKernel(IptcChains())
     from .netfilter_restore import RestoreChains
 
-    return RestoreChains("iptables-nft")
+    return LinuxKernel(RestoreChains("iptables-nft"))
 
 
 class LinuxKernel:
-    def __init__(self, iptables: IptablesChains, nft: NftTable | None = None):
-        self.iptables = iptables
+    def __init__(self, chains: IptablesChains | None, nft: NftTable | None = None):
+        self.chains = chains  # None: the nftables backend, everything of ours in our table
         self.nft = nft or NftTable()
         self._net_writes = 0
         self._nl: Netlink | None = None
         self.conntrack_deleted = 0
         self._netfilter_seen: tuple[tuple[int, int], Netfilter] | None = None
+        self._handlers: dict[str, Callable[[Any], None]] = {
+            "tunnel": self._tunnel,
+            "address": lambda a: self.nl.address(a.op, a.obj),
+            "route": lambda a: self.nl.route(a.op, a.obj),
+            "routingrule": lambda a: self.nl.rule(a.op, a.obj),
+            "rp_filter": lambda a: self.nl.set_rp_filter(a.ifname, a.value),
+            "firewall": self._firewall,
+            "nft": lambda a: self.nft.replace(a.script),
+            "conntrack": self._conntrack,
+        }
 
     @property
     def backend(self) -> str:
-        return self.iptables.name
+        return self.chains.name if self.chains is not None else "nftables"
 
     @property
     def writes(self) -> int:
-        return self._net_writes + self.iptables.writes + self.nft.writes
+        return self._net_writes + (self.chains.writes if self.chains else 0) + self.nft.writes
 
     def bind_canonical(self, canonical: dict[str, str]) -> None:
         """Share the learned nft listings with the ownership record (kept across restarts)."""
@@ -156,47 +171,58 @@ class LinuxKernel:
         netns = os.stat("/proc/thread-self/ns/net").st_ino  # one LinuxKernel may serve several (tests)
         gen = current_generation()
         key = (netns, gen) if gen is not None else None
-        seen = self._netfilter_seen
+        seen, fw = self._netfilter_seen, self.chains
         if key is not None and seen is not None and seen[0] == key:
             chains, jumps, nft = seen[1]
-            if not self.iptables.in_nf_tables:
-                chains, jumps = self.iptables.observe()
+            if fw is not None and not fw.in_nf_tables:
+                chains, jumps = fw.observe()
             return chains, jumps, nft
-        chains, jumps = self.iptables.observe()
+        chains, jumps = fw.observe() if fw is not None else (frozenset(), ())
         reading = (chains, jumps, self.nft.observe())
         self._netfilter_seen = (key, reading) if key is not None else None
         return reading
 
     def normalize(self, state: State) -> State:
-        chains, jumps = self.iptables.normalize(state.chains, state.jumps)
-        return State(state.tunnels, state.addresses, state.routes, state.rules, state.loose_rp, chains, jumps,
-                     state.nft)  # fmt: skip
+        if self.chains is None:
+            return state
+        chains, jumps = self.chains.normalize(state.chains, state.jumps)
+        return replace(state, chains=chains, jumps=jumps)
 
     def nft_matches(self, script: str | None, listed: str | None) -> bool:
         return self.nft.expected(script) == listed
 
+    def committed_by_child(self, pid: int) -> bool:
+        """An nf_tables commit by one of our iptables-restore children."""
+        return self.chains is not None and self.chains.committed(pid)
+
     def apply(self, action: Action) -> None:
-        if isinstance(action, FirewallChange):
-            self.iptables.apply(action)
-        elif isinstance(action, NftChange):
-            self.nft.replace(action.script)
-        elif isinstance(action, ConntrackCleanup):
-            self._net_writes += 1
-            self.conntrack_deleted += conntrack.cleanup(action.drop_ipv4, action.ipv4, action.ranges,
-                                                        action.unnated_via)  # fmt: skip
-        elif isinstance(action, RpFilterChange):
-            self.nl.set_rp_filter(action.ifname, action.value)
-        else:
-            _apply_net(self.nl, action)
+        self._handlers[action.kind](action)
 
+    def _tunnel(self, action: NetAction) -> None:
+        nl, obj = self.nl, action.obj
+        assert isinstance(obj, Tunnel)
+        {"add": nl.add_tunnel, "del": nl.del_tunnel, "set": nl.set_tunnel}[action.op](obj)
 
-def _apply_net(nl: Netlink, action: NetAction) -> None:
-    obj, op = action.obj, action.op
-    if isinstance(obj, Tunnel):
-        {"add": nl.add_tunnel, "del": nl.del_tunnel, "set": nl.set_tunnel}[op](obj)
-    elif isinstance(obj, Address):
-        nl.address(op, obj)
-    elif isinstance(obj, Route):
-        nl.route(op, obj)
-    elif isinstance(obj, RoutingRule):
-        nl.rule(op, obj)
+    def _firewall(self, change: FirewallChange) -> None:
+        if self.chains is None:
+            raise RuntimeError(f"the nftables backend has no iptables chains to change: {change}")
+        self.chains.apply(change)
+
+    def _conntrack(self, c: ConntrackCleanup) -> None:
+        self._net_writes += 1
+        self.conntrack_deleted += conntrack.cleanup(c.drop_ipv4, c.ipv4, c.ranges, c.unnated_via)
+
+    # --- reads for `mape-daemon status` (no session: one short socket each) -----------------
+    def tunnel(self, name: str) -> Tunnel | None:
+        with self.session():
+            return self.nl.tunnels().get(name)
+
+    @staticmethod
+    def nat_ports(ipv4: str) -> list[tuple[str, int]]:
+        return conntrack.nat_ports(ipv4)
+
+    @staticmethod
+    def managers(wan: str, tunnel: str) -> dict[str, Any]:
+        from . import managers
+
+        return managers.detect(wan, tunnel)

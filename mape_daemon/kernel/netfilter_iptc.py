@@ -19,8 +19,8 @@ from functools import lru_cache
 
 import iptc
 
+from ..actions import FirewallChange
 from ..errors import RetryableError, TerminalError
-from ..plan import FirewallChange
 from ..state import BUILTIN_CHAINS, CHAIN_PREFIX, TABLES, Chain, Jump
 
 LOCK_PATH = "/run/xtables.lock"
@@ -149,6 +149,10 @@ class IptcChains:
         table.autocommit = False
         table.refresh()  # a fresh handle: libiptc reads the kernel (and this namespace) again
         return table
+
+    @staticmethod
+    def committed(pid: int) -> bool:
+        return False  # legacy x_tables: no nf_tables commit is ours to recognise
 
     def observe(self, tables: Iterable[str] = TABLES) -> tuple[frozenset[Chain], tuple[Jump, ...]]:
         chains, jumps = [], []

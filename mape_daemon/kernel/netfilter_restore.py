@@ -13,8 +13,8 @@ import subprocess
 from collections import deque
 from collections.abc import Iterable
 
+from ..actions import FirewallChange
 from ..errors import CannotRunHere, RetryableError
-from ..plan import FirewallChange
 from ..state import BUILTIN_CHAINS, CHAIN_PREFIX, TABLES, Chain, Jump
 
 
@@ -106,6 +106,9 @@ class RestoreChains:
     def apply(self, change: FirewallChange) -> None:
         self.writes += 1
         self._run([self.restore, "--noflush", "-w", "10"], restore_script(change))
+
+    def committed(self, pid: int) -> bool:
+        return pid in self.writers
 
 
 def _explain(cmd: str, stderr: str, script: str | None) -> str:

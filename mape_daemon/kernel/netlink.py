@@ -62,13 +62,6 @@ def _route(r: RouteMsg, names: dict[int, str], family: int) -> Route:
     )
 
 
-def describe_foreign(r: Route, proto: int | None = None) -> str:
-    table = "main" if r.table == 254 else str(r.table)
-    kind = "unreachable " if r.kind == "unreachable" else ""
-    dev = f" dev {r.dev}" if r.dev else ""
-    return f"{kind}{r.dst}{dev} table {table} metric {r.metric}" + (f" proto {proto}" if proto is not None else "")
-
-
 class Netlink:
     """One sync's rtnetlink sockets (bound to the thread that opened them): reads go raw
     (rtnl.Reader), changes through pyroute2, whose socket is opened only when a sync changes
@@ -276,7 +269,7 @@ class Netlink:
             if r in ours:
                 return  # ours, added by an earlier try whose answer was lost
             holder = next((f for f in foreign if f.key == r.key), None)
-            raise ConflictError(f"{describe_foreign(holder) if holder else 'another route'} holds the slot of our "
+            raise ConflictError(f"{holder.describe_foreign() if holder else 'another route'} holds the slot of our "
                                 f"{r.describe()}")  # fmt: skip
 
     def rule(self, op: str, r: RoutingRule) -> None:

@@ -155,7 +155,7 @@ def packets(lab, table: str, chain: str, target: str) -> int:
 
 def test_renumbering_moves_the_router_and_forgets_connections_to_the_old_ipv4(lab, tmp_path):
     from mape_daemon.config import parse
-    from mape_daemon.kernel import LinuxKernel, make_chains
+    from mape_daemon.kernel import make_kernel
     from mape_daemon.reconciler import Reconciler
     from mape_daemon.record import RecordFile
     from tests.hostns import inside
@@ -163,7 +163,7 @@ def test_renumbering_moves_the_router_and_forgets_connections_to_the_old_ipv4(la
     old = lab.ce_params()
     lab.br_add_ce(old)
     with inside(lab.ce):
-        r = Reconciler(parse(CONFIG), LinuxKernel(make_chains("auto")), RecordFile(tmp_path / "run"))
+        r = Reconciler(parse(CONFIG), make_kernel("auto"), RecordFile(tmp_path / "run"))
         assert r.sync().ok
     assert call(lab.lan, traffic.udp_query, SERVER).split()[0] == old.ipv4
     assert old.ipv4 in sh(lab.ce, "conntrack", "-L")

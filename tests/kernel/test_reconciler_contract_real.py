@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from mape_daemon.kernel import LinuxKernel, make_chains
+from mape_daemon.kernel import make_kernel
 from tests import reconciler_contract as contract
 from tests.hostns import inside
 from tests.reconciler_contract import (  # noqa: F401 - the shared contract, collected here
@@ -26,7 +26,7 @@ class RealWorld:
     def __init__(self, backend: str, state_dir):
         self.backend = backend
         self.binary = "iptables-legacy" if backend == "iptables-legacy" else "iptables-nft"
-        self.kernel = LinuxKernel(make_chains(backend))
+        self.kernel = make_kernel(backend)
         self.state_dir = state_dir
 
     def damage(self, what: str) -> None:

@@ -1,4 +1,4 @@
-"""Loaded first (from the package's __init__), before anything imports pyroute2."""
+"""Loaded first (from kernel/__init__), before anything imports pyroute2."""
 
 from __future__ import annotations
 
