@@ -14,7 +14,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-# Why a sync runs (journal field MAPE_CAUSE), in the order a line names them.
 # Why a sync runs (journal field MAPE_CAUSE), in the order a line names them; events say which
 # source set them off (MAPE_TRIGGER): netlink (rtnetlink), nftables (an nf_tables commit by
 # someone else), firewalld (its reload or restart).
@@ -33,7 +32,7 @@ class Schedule:
     running_since: float | None = None
     causes: set[str] = field(default_factory=lambda: {"start"})  # the first sync is due at once
     urgent: bool = False  # a reload: now, whatever the backoff
-    wake_at: float | None = None
+    wakes: dict[str, float] = field(default_factory=dict)  # cause -> when a sync asked to run again
     failures: int = 0
     wedged_after: float = 300.0  # a sync takes seconds; one running this long is stuck
 
@@ -53,6 +52,15 @@ class Schedule:
             due = min(due, max(self.wake_at, self.last_start + self.min_interval))
         return due
 
+    @property
+    def wake_at(self) -> float | None:
+        """The soonest wake-up asked for: a later, longer one never hides it."""
+        return min(self.wakes.values(), default=None)
+
+    def wake(self, at: float, cause: str) -> None:
+        """Run a sync at `at` for `cause`; of two wake-ups for one cause, the sooner stands."""
+        self.wakes[cause] = min(at, self.wakes.get(cause, at))
+
     def wait(self, now: float) -> float:
         return max(0.0, self.due_at() - now)
 
@@ -61,8 +69,7 @@ class Schedule:
         causes = {"event" if c in EVENT_SOURCES else c for c in self.causes}
         if self.failures:
             causes.add("retry")
-        if self.wake_at is not None and now >= self.wake_at:
-            causes.add("hold-down")
+        causes |= {c for c, at in self.wakes.items() if now >= at}
         if not causes:
             causes.add("periodic")
         return next(c for c in CAUSES if c in causes)
@@ -74,8 +81,7 @@ class Schedule:
     def started(self, now: float) -> None:
         self.last_start, self.running_since = now, now
         self.causes, self.urgent = set(), False
-        if self.wake_at is not None and now >= self.wake_at:
-            self.wake_at = None
+        self.wakes = {c: at for c, at in self.wakes.items() if now < at}  # served now; the later ones stay
 
     def finished(self, ok: bool, now: float) -> None:
         self.failures = 0 if ok else self.failures + 1
@@ -111,8 +117,8 @@ class Runner:
         self.schedule.urgent |= urgent
         self._wake.set()
 
-    def wake_in(self, seconds: float) -> None:
-        self.schedule.wake_at = self.clock() + seconds
+    def wake_in(self, seconds: float, cause: str) -> None:
+        self.schedule.wake(self.clock() + seconds, cause)
         self._wake.set()
 
     def stop(self) -> None:

@@ -216,7 +216,7 @@ class Service:
             self.exit_code = EXIT_UNAVAILABLE
             self.runner.stop()
         if result.recheck_in is not None:
-            self.runner.wake_in(result.recheck_in)
+            self.runner.wake_in(result.recheck_in, "hold-down")
         if result.params is not None or result.error is None:  # not when the kernel could not be read
             await self._upnp(result, cause)
         self._write_status(result)
@@ -267,7 +267,7 @@ class Service:
             if str(e) != self.upnp_problem:  # once, not at every retry
                 log.error("%s (retrying)", e, extra=fields(result, "upnp", cause))
             self.upnp_problem = str(e)
-            self.runner.wake_in(UPNP_RETRY)
+            self.runner.wake_in(UPNP_RETRY, "retry")
             return
         self.upnp_problem = None
         if said:

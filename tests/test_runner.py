@@ -60,9 +60,27 @@ def test_a_hold_down_wake_up_is_kept_and_named():
     s = Schedule(min_interval=0.5, period=60)
     s.started(0.0)
     s.finished(True, 0.0)
-    s.wake_at = 10.0
+    s.wake(10.0, "hold-down")
     assert s.wait(0.0) == 10 and s.cause(10.0) == "hold-down"
     s.started(10.0)
+    assert s.wake_at is None
+
+
+def test_the_soonest_wake_up_wins_and_each_keeps_its_own_cause():
+    """Before: one wake-up time, so miniupnpd's 60 s retry asked after a 10 s hold-down recheck
+    overwrote it: the teardown came 50 s late and was logged as the wrong cause."""
+    s = Schedule(min_interval=0.5, period=900)
+    s.started(0.0)
+    s.finished(True, 0.0)
+    s.wake(10.0, "hold-down")
+    s.wake(60.0, "retry")  # miniupnpd could not be restarted: try again in a minute
+    assert s.wait(0.0) == 10 and s.cause(10.0) == "hold-down"
+    s.started(10.0)
+    s.finished(True, 10.0)
+    assert s.wait(10.0) == 50 and s.cause(60.0) == "retry"  # the later one still stands, with its cause
+    s.wake(70.0, "retry")
+    assert s.wake_at == 60.0  # a later retry does not postpone the one already asked for
+    s.started(60.0)
     assert s.wake_at is None
 
 
