@@ -8,16 +8,13 @@ import os
 import sys
 from collections.abc import Sequence
 from ipaddress import IPv4Network, IPv6Address, IPv6Network
+from pathlib import Path
 
 from . import maprules
 from .config import DEFAULT_PATH, Config, ConfigError, load
-from .errors import CannotRunHere, MapeError
-from .mapcalc import IidLayout, MapParams, MappingError, MapRule, compute, nearest, port_ranges, range_text
-
-EXIT_FAILURE = 1  # the kernel refused or something else went wrong at run time
-EXIT_USAGE = 2  # argparse's own code for bad arguments; also bad input to calc
-EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: this host lacks a tool or kernel module; restarting cannot help
-EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus=78 stops a restart loop
+from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_USAGE, CannotRunHere, MapeError
+from .mapcalc import IidLayout, MapParams, MappingError, MapRule, compute, nearest, range_text
+from .statefile import NAME, STATE_DIR, DaemonState
 
 
 class UsageError(Exception):
@@ -113,19 +110,14 @@ def rule_for(wan: IPv6Network | IPv6Address, args: argparse.Namespace) -> tuple[
     return maprules.bundled().match(wan, None if args.isp == "auto" else args.isp), None
 
 
-def running_state() -> dict | None:
+def running_state() -> DaemonState | None:
     """The running daemon's state file, or None when there is none (or it cannot be read)."""
-    try:
-        return json.loads((state_dir() / "state.json").read_text())
-    except (OSError, ValueError):
-        return None
+    return DaemonState.read(state_dir())
 
 
-def running_set(state: dict) -> tuple[tuple[int, int], ...] | None:
+def running_set(state: DaemonState) -> tuple[tuple[int, int], ...] | None:
     """The port set of the daemon's mapping now, or None while it has none."""
-    if state.get("psid") is None:
-        return None
-    return port_ranges(state["psid"], state["psid_len"], state["psid_offset"])
+    return None if state.port_ranges is None else tuple(state.port_ranges)
 
 
 def cmd_calc(args: argparse.Namespace) -> int:
@@ -156,12 +148,12 @@ def ports_of(args: argparse.Namespace) -> tuple[str, str, int, tuple[tuple[int, 
         return maprules.ISP_NAMES.get(p.rule.isp or "", "explicit rule"), str(p.ipv4), p.psid, p.port_ranges
     state = running_state()
     if state is None:
-        path = state_dir() / "state.json"
+        path = state_dir() / NAME
         raise UsageError(f"no PREFIX given and no daemon state at {path}: give a prefix, or start the daemon")
     ranges = running_set(state)
-    if ranges is None:
-        raise UsageError(f"no PREFIX given and the daemon has no mapping now: {state.get('reason') or 'unknown'}")
-    return maprules.ISP_NAMES.get(state.get("isp") or "", "explicit rule"), state["ipv4"], state["psid"], ranges
+    if ranges is None or state.ipv4 is None or state.psid is None:
+        raise UsageError(f"no PREFIX given and the daemon has no mapping now: {state.reason or 'unknown'}")
+    return maprules.ISP_NAMES.get(state.isp or "", "explicit rule"), state.ipv4, state.psid, ranges
 
 
 def cmd_ports(args: argparse.Namespace) -> int:
@@ -190,9 +182,7 @@ def cmd_ports(args: argparse.Namespace) -> int:
     return 0
 
 
-def state_dir():
-    from .service import STATE_DIR
-
+def state_dir() -> Path:
     return STATE_DIR
 
 
@@ -227,7 +217,7 @@ def check_forwards_against_running(config: Config, path) -> None:
     ranges = running_set(state) if state is not None else None
     if ranges is None:
         return
-    if problem := forwards.check(config, ranges, f"the running line's set, {state['ipv4']} psid {state['psid']}"):
+    if problem := forwards.check(config, ranges, f"the running line's set, {state.ipv4} psid {state.psid}"):
         raise ConfigError(f"{path}: {problem}")
 
 

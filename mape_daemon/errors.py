@@ -1,4 +1,11 @@
-"""Errors, classified once: retrying a terminal error cannot help, a retryable one may pass."""
+"""Errors, classified once: retrying a terminal error cannot help, a retryable one may pass. And
+the exit codes that say which kind ended a command or the daemon."""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the kernel refused or something else went wrong at run time
+EXIT_USAGE = 2  # argparse's own code for bad arguments; also bad input to calc
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: this host lacks a tool or kernel module; restarting cannot help
+EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus=78 stops a restart loop
 
 
 class MapeError(Exception):

@@ -11,18 +11,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from . import desired as desired_mod
 from .actions import Action, ConntrackCleanup, Plan
 from .config import Config
 from .errors import ConflictError
-from .mapcalc import MapParams, MappingError
+from .mapcalc import MappingError
 from .plan import diff
 from .prefix import Selection, map_address, select
 from .record import AppliedMapping, RecordFile
-from .state import MAIN_TABLE, NOTHING, Observed, Query, State, WanAddress
+from .result import SyncResult
+from .state import MAIN_TABLE, NOTHING, Observed, Query, State
 
 
 class KernelPort(Protocol):
@@ -49,30 +50,6 @@ class Computed:
     plan: Plan
     conflicts: tuple[str, ...] = ()
     recheck_in: float | None = None  # the hold-down ends then: sync again
-
-
-@dataclass
-class SyncResult:
-    selection: Selection
-    plan: Plan
-    applied: int = 0  # actions applied before stopping
-    writes: int = 0
-    seconds: float = 0.0
-    error: Exception | None = None
-    started: float = field(default_factory=time.time)
-    conflicts: tuple[str, ...] = ()
-    recheck_in: float | None = None
-    previous: AppliedMapping | None = None  # the mapping before this sync
-    wan: tuple[WanAddress, ...] = ()  # the WAN's addresses as this sync saw them
-    conntrack_deleted: int = 0
-
-    @property
-    def params(self) -> MapParams | None:
-        return self.selection.params
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 def mapping_of(selection: Selection) -> AppliedMapping | None:

@@ -18,12 +18,12 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import MapeError
+from .files import write_atomic
 
 RECORD_NAME, LOCK_NAME = "owned.json", "lock"
 CANONICAL_KEPT = 8  # learned nft listings kept (one per table script seen lately)
@@ -96,11 +96,7 @@ class RecordFile:
         text = json.dumps(self.record.to_json(), sort_keys=True)
         if text == self._saved:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".owned-")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, text)
         self._saved = text
 
 

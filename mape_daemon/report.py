@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
 
 from .actions import Action, Words
-from .reconciler import SyncResult
+from .result import SyncResult
 
 
 @dataclass(frozen=True)

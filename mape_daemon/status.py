@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from .statefile import NAME, DaemonState
 
 HISTORY_SHOWN = 8
 
@@ -33,22 +35,18 @@ def port_usage(ports: list[tuple[str, int]], ranges: list[tuple[int, int]]) -> d
 
 def collect(state_dir: Path) -> dict[str, Any]:
     from .kernel import LinuxKernel
-    from .mapcalc import port_ranges
 
-    path = state_dir / "state.json"
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"ok": False, "error": f"no state at {path}: is mape-daemon running?"}
-    tunnel = state.get("tunnel_name", "ip6tnl1")
+    st = DaemonState.read(state_dir)
+    if st is None:
+        return {"ok": False, "error": f"no state at {state_dir / NAME}: is mape-daemon running?"}
+    state = asdict(st)
     kernel = LinuxKernel(None)  # reads only: no netfilter backend needed
-    live = kernel.tunnel(tunnel)
-    state["tunnel"] = {"name": tunnel, "present": live is not None, "up": bool(live and live.up),
+    live = kernel.tunnel(st.tunnel_name)
+    state["tunnel"] = {"name": st.tunnel_name, "present": live is not None, "up": bool(live and live.up),
                        "local": live.local if live else None, "remote": live.remote if live else None}  # fmt: skip
-    state["managers"] = kernel.managers(state.get("wan", ""), tunnel)
-    if state.get("ipv4") and state.get("psid") is not None:
-        ranges = list(port_ranges(state["psid"], state["psid_len"], state["psid_offset"]))
-        state["ports_in_use"] = port_usage(kernel.nat_ports(state["ipv4"]), ranges)
+    state["managers"] = kernel.managers(st.wan, st.tunnel_name)
+    if st.ipv4 and st.port_ranges:
+        state["ports_in_use"] = port_usage(kernel.nat_ports(st.ipv4), st.port_ranges)
     return state
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from mape_daemon import cli
 from mape_daemon.mapcalc import nearest, port_ranges
+from mape_daemon.statefile import DaemonState
 
 OCN = "2400:4050:1234:5600::/56"  # 153.240.72.209 psid 22: 63 blocks of 16 from 1376-1391
 
@@ -43,15 +44,19 @@ def test_json_names_the_block_holding_the_port(capsys):
     assert data["near"] == {"port": 5480, "in_set": True, "holding": [5472, 5487], "below": None, "above": None}
 
 
+def running_state(**kw) -> DaemonState:
+    return DaemonState(pid=1, last_sync=0.0, ok=True, error=None, changes=0, reason=kw.pop("reason", ""),
+                       tunnel_name="ip6tnl1", wan="wan0", **kw)  # fmt: skip
+
+
 def test_without_a_prefix_the_running_daemons_mapping(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "state_dir", lambda: tmp_path)
     code, _, err = run(capsys, "ports")
     assert code == cli.EXIT_USAGE and "no PREFIX given and no daemon state" in err
-    state = {"isp": "ocn", "ipv4": "153.240.72.209", "psid": 22, "psid_len": 6, "psid_offset": 6}
-    (tmp_path / "state.json").write_text(json.dumps(state))
+    running_state(isp="ocn", ipv4="153.240.72.209", psid=22, port_ranges=list(port_ranges(22, 6, 6))).write(tmp_path)
     code, out, _ = run(capsys, "ports", "--near", "1391")
     assert code == 0 and out.splitlines()[-1] == "port 1391: in the set (block 1376-1391)"
-    (tmp_path / "state.json").write_text(json.dumps({"psid": None, "reason": "no global IPv6 address on wan0"}))
+    running_state(reason="no global IPv6 address on wan0").write(tmp_path)
     code, _, err = run(capsys, "ports")
     assert code == cli.EXIT_USAGE and "no mapping now: no global IPv6 address on wan0" in err
 

@@ -15,6 +15,7 @@ from mape_daemon.config import ConfigError, parse
 from mape_daemon.mapcalc import compute
 from mape_daemon.record import RecordFile
 from mape_daemon.service import Service
+from mape_daemon.statefile import DaemonState
 from tests.fake_kernel import FakeKernel
 
 BASE = '[wan]\ninterface = "wan0"\n'
@@ -125,8 +126,8 @@ def test_a_renumbering_that_loses_a_forward_says_so_once_and_status_lists_it(svc
 
 def test_check_config_refuses_a_forward_outside_the_running_set(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "state_dir", lambda: tmp_path)
-    state = {"ipv4": "153.240.72.209", "psid": 22, "psid_len": 6, "psid_offset": 6}
-    (tmp_path / "state.json").write_text(json.dumps(state))
+    DaemonState(pid=1, last_sync=0.0, ok=True, error=None, changes=0, reason="", tunnel_name="ip6tnl1", wan="wan0",
+                ipv4="153.240.72.209", psid=22, port_ranges=list(OCN.port_ranges)).write(tmp_path)  # fmt: skip
     cfg = tmp_path / "mape.toml"
     cfg.write_text(BASE + fwd("udp", 25565))
     assert cli.main(["check-config", str(cfg)]) == cli.EXIT_CONFIG

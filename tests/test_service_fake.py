@@ -10,8 +10,9 @@ import pytest
 
 from mape_daemon.actions import NetAction
 from mape_daemon.config import parse
+from mape_daemon.errors import EXIT_FAILURE, EXIT_UNAVAILABLE
 from mape_daemon.record import RecordFile
-from mape_daemon.service import EXIT_FAILURE, EXIT_UNAVAILABLE, Service
+from mape_daemon.service import Service
 from tests.fake_kernel import FakeKernel
 
 BASE = '[wan]\ninterface = "wan0"\n[lan]\ninterfaces = ["lan0"]\n[pppoe]\n'
@@ -99,7 +100,7 @@ def test_the_journal_names_each_repair_and_its_cause(svc, caplog):
     assert ("SNAT for tcp restored (63 rules): the chain was empty", "repair", "event") in lines
     caplog.clear()
     assert sync(svc, "periodic") and caplog.records == []  # quiet when nothing changed
-    assert svc.repairs == {"event": 1}  # one repair sync, set off by an event
+    assert svc.journal.repairs == {"event": 1}  # one repair sync, set off by an event
 
 
 def test_an_nftables_commit_by_one_of_our_threads_is_no_news_and_another_process_s_is(svc):
