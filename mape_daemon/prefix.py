@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from functools import lru_cache
 from ipaddress import IPv6Address
 
 from .config import Config
@@ -25,6 +26,7 @@ class Selection:
     held: bool = False  # the prefix is gone but kept through the flap hold-down
 
 
+@lru_cache(maxsize=16)  # every sync maps the same address or two: a no-op sync computes nothing
 def map_address(config: Config, address: str) -> MapParams:
     addr = IPv6Address(address)
     rule = config.isp.rule_table().match(addr, config.isp.isp_filter)

@@ -9,7 +9,7 @@ that changed (or is missing, for `cleanup`) cannot orphan or adopt anything.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -18,7 +18,7 @@ from . import desired as desired_mod
 from .actions import Action, ConntrackCleanup, Plan
 from .config import Config
 from .errors import ConflictError
-from .mapcalc import MappingError
+from .mapcalc import MapParams, MappingError
 from .plan import diff
 from .prefix import Selection, map_address, select
 from .record import AppliedMapping, RecordFile
@@ -101,6 +101,7 @@ class Reconciler:
         self.clock = clock
         self.lost_at: float | None = None  # when the WAN prefix went away (flap hold-down)
         self.before_apply: Callable[[Action], None] = lambda action: None  # a test's fault-injection point
+        self._built: tuple[tuple, State] | None = None
         kernel.bind_canonical(records.record.nft_canonical)
 
     @property
@@ -169,10 +170,7 @@ class Reconciler:
                 if rec.backend and rec.backend != self.kernel.backend:
                     raise ConflictError(f"our netfilter state lives in {rec.backend}, and this config uses "
                                         f"{self.kernel.backend}: run `mape-daemon cleanup` first")  # fmt: skip
-            want = desired_mod.build(cfg, selection.params, obs.links, native=self.kernel.backend == "nftables")
-            want, conflicts = _describe_conflicts(cfg, want, obs)
-            if want is not NOTHING:
-                want = self.kernel.normalize(want)
+            want, conflicts = _describe_conflicts(cfg, self._build(cfg, selection.params, obs.links), obs)
             self._check_endpoints(want, obs)
         if self.kernel.nft_matches(want.nft, obs.nft):
             have = replace(have, nft=want.nft)  # the same table, in nft's canonical listing
@@ -180,6 +178,18 @@ class Reconciler:
         plan = diff(want, have, rec.rp_filter)
         plan = Plan(plan.actions + tuple(self._conntrack(selection, want, plan)))
         return Computed(obs, selection, want, plan, tuple(conflicts), recheck)
+
+    def _build(self, cfg: Config, params: MapParams | None, links: Mapping[str, str]) -> State:
+        """The desired state in the kernel's normal form, built again only when what it reads moved
+        (the config, the mapping, whether ppp0 exists, the backend): a no-op sync builds nothing."""
+        key = (cfg, params, cfg.pppoe is not None and cfg.pppoe.interface in links, self.kernel.backend)
+        if self._built is not None and self._built[0] == key:
+            return self._built[1]
+        want = desired_mod.build(cfg, params, links, native=self.kernel.backend == "nftables")
+        if want is not NOTHING:
+            want = self.kernel.normalize(want)
+        self._built = (key, want)
+        return want
 
     @staticmethod
     def _check_tunnel_name(cfg: Config, obs: Observed) -> None:

@@ -311,3 +311,23 @@ def test_a_lost_prefix_is_let_go_after_the_hold_down_and_a_new_one_moves_at_once
     k.slaac(SLAAC_B)  # a genuinely new prefix during the hold: no waiting
     moved = r.sync()
     assert str(moved.params.ipv4) == "153.240.72.210" and not moved.selection.held
+
+
+def test_a_no_op_sync_builds_nothing_and_any_input_of_the_desired_state_builds_it_again(state_dir, monkeypatch):
+    """The desired state is built again only when what it reads moved: the config, the mapping,
+    whether ppp0 exists (issue 18: an nftables no-op sync cost 0.15x a blind re-apply)."""
+    from mape_daemon import desired
+
+    builds = []
+    real = desired.build
+    monkeypatch.setattr(desired, "build", lambda *a, **kw: builds.append(a[1]) or real(*a, **kw))
+    k, r = converged(state_dir, links=("wan0", "lan0"))
+    assert len(builds) == 1
+    assert not r.sync().plan and not r.sync().plan and len(builds) == 1  # no-op syncs: nothing built
+    k.links["ppp0"] = ""  # pppd brought ppp0 up: table 10 gets its default through it
+    assert any(a.obj.dev == "ppp0" for a in r.sync().plan.actions if isinstance(a, NetAction)) and len(builds) == 2
+    k.slaac(SLAAC_B, preferred_lft=7200)  # renumbered
+    assert r.sync().params.ipv4 != builds[0].ipv4 and len(builds) == 3
+    r.config = parse(BASE + '[lan]\ninterfaces = ["lan0"]\n[pppoe]\nhosts = ["192.168.1.56/32"]\n')  # a reload
+    assert "+ mangle chain MAPE-PBR (4 rules)" in strs(r.sync().plan) and len(builds) == 4
+    assert not r.sync().plan and len(builds) == 4
