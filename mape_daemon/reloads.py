@@ -1,7 +1,12 @@
-"""SIGHUP: the newest good config wins. A bad file changes nothing and says so; a good one waits as
-`pending` and is swapped in by the next sync (never halfway through one). A config that changes
-what names our objects (WAN, ISP or rule, tunnel name, backend, PPPoE, LAN) first removes our
-state under the old one; if that fails, the old config stays and the removal is retried."""
+"""SIGHUP: the newest good config wins, however many arrive and whenever. A bad file changes
+nothing and says so; a good one waits as `pending` and is swapped in by the next sync (never
+halfway through one).
+
+Most changes are an ordinary sync under the new config: the diff changes what differs and keeps
+the tunnel, the connections of an unchanged mapping and miniupnpd's mappings. Only a change of
+what names objects we own by name (the WAN, the ISP or rule with its IID layout, the tunnel name,
+the backend) first removes our state under the old config; if that removal fails, the old
+config's state is put back whole by a sync under the old config, and the reload is retried."""
 
 from __future__ import annotations
 
@@ -21,8 +26,10 @@ RELOAD = {"MAPE_EVENT": "reload", "MAPE_CAUSE": "reload"}
 
 
 def identity(cfg: Config) -> tuple:
-    """What names the objects we own: a change means removing them under the old config first."""
-    return (cfg.wan.interface, cfg.isp, cfg.tunnel.name, cfg.firewall.backend, cfg.pppoe, cfg.lan_interfaces)
+    """What names the objects we own by name: a change means removing them under the old config
+    first. Everything else ([pppoe], [lan], snat, mss, forwards, ...) is found by our markers and
+    the record, so the next sync's diff changes just what differs."""
+    return (cfg.wan.interface, cfg.isp, cfg.tunnel.name, cfg.firewall.backend)
 
 
 class ConfigSwitch:
@@ -60,11 +67,12 @@ class ConfigSwitch:
         if problem := forwards.check(new, p.port_ranges, f"the set of {p.ipv4} psid {p.psid}"):
             raise ConfigError(f"{self.path}: {problem}")
 
-    def switch(self) -> str | None:
-        """In the worker thread, between syncs: put the pending config in place. Returns why the
-        old state could not be removed (the old config then stays, and this is retried)."""
-        new, old = self.pending, self.reconciler.config
-        assert new is not None and old is not None
+    def switch(self, new: Config) -> str | None:
+        """In the worker thread, between syncs: put `new` (the pending config when the sync began)
+        in place. Returns why the old state could not be removed (the old config then stays, and
+        this is retried). A SIGHUP that arrives meanwhile leaves its newer config pending."""
+        old = self.reconciler.config
+        assert old is not None
         if identity(old) != identity(new):
             result = self.reconciler.sync(teardown=True)
             if result.error is not None:
@@ -74,7 +82,8 @@ class ConfigSwitch:
             self.reconciler.kernel = self.make_kernel(new)
             self.reconciler.kernel.bind_canonical(self.records.record.nft_canonical)
         self.reconciler.config = new
-        self.pending = None
+        if self.pending is new:
+            self.pending = None
         self.loaded_at = time.time()
         log.info("reload: %s applied", self.path, extra=RELOAD)
         return None

@@ -97,14 +97,21 @@ class Service:
     async def sync_once(self, cause: str, triggers: tuple[str, ...] = ()) -> bool:
         reloaded = self.configs.pending
         if reloaded is not None:
-            problem = await asyncio.to_thread(self.configs.switch)
+            problem = await asyncio.to_thread(self.configs.switch, reloaded)
             if problem is not None:
+                # Half removed is the worst state: put the old config's state back whole, then retry.
+                restored = await asyncio.to_thread(self.reconciler.sync)
+                self.journal.report(restored, self.config, cause, triggers)
                 log.error(
-                    "reload: removing our state under the old config failed, so the old config stays and the "
-                    "reload is retried: %s",
+                    "reload: removing our state under the old config failed (%s); %s, the old config stays and "
+                    "the reload is retried",
                     problem,
+                    "its state was put back"
+                    if restored.ok
+                    else f"putting its state back failed too ({restored.error})",
                     extra={"MAPE_EVENT": "error", "MAPE_CAUSE": cause},
                 )
+                self._write_status(restored)
                 notify("READY=1")
                 return False
             self._set_period()

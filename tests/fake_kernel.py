@@ -50,6 +50,7 @@ class FakeKernel:
         self.conntrack_deleted = 0
         self.writes = 0
         self.fail_on: type | None = None  # make the next action of this class fail (once)
+        self.fail_kind: str | None = None  # ... or of this kind ("tunnel", "route", ...), once
 
     # --- test helpers ------------------------------------------------------------------------
     def slaac(self, address: str, deprecated: bool = False, preferred_lft: int = 3600) -> None:
@@ -124,6 +125,9 @@ class FakeKernel:
     def apply(self, action: Action) -> None:
         if self.fail_on is not None and isinstance(action, self.fail_on):
             self.fail_on = None
+            raise RetryableError(f"injected failure of {action}")
+        if self.fail_kind is not None and action.kind == self.fail_kind:
+            self.fail_kind = None
             raise RetryableError(f"injected failure of {action}")
         self.writes += 1
         handlers = {"conntrack": self.cleanups.append, "firewall": self._firewall, "nft": self._nft,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 
@@ -59,6 +60,67 @@ def test_a_reload_whose_removal_fails_keeps_the_running_config_and_retries(svc, 
     assert svc.config.tunnel.name == "ip6tnl1" and svc.pending is not None
     assert sync(svc, "retry")  # the removal works now: the new config is in place
     assert svc.config.tunnel.name == "mape0" and set(k.tunnels) == {"mape0"}
+
+
+def test_a_half_failed_removal_puts_the_old_state_back_whole(svc, tmp_path, caplog):
+    """Before: a reload whose teardown failed halfway left IPv4 down (routes and rules gone, the
+    tunnel left) for the whole back-off, or for good."""
+    assert sync(svc, "start")
+    k = svc.kernel
+    whole = k.snapshot()
+    (tmp_path / "mape.toml").write_text(BASE + '[tunnel]\nname = "mape0"\n')
+    svc.reload()
+    k.fail_kind = "tunnel"  # rules, routes and addresses go first; then the tunnel's removal fails
+    with caplog.at_level(logging.ERROR, "mape-daemon"):
+        assert not sync(svc, "reload")
+    assert "its state was put back, the old config stays and the reload is retried" in caplog.text
+    assert k.snapshot() == whole and svc.config.tunnel.name == "ip6tnl1"
+    assert sync(svc, "retry") and set(k.tunnels) == {"mape0"}
+
+
+def test_a_reload_that_adds_a_pppoe_host_is_a_plain_diff(svc, tmp_path):
+    """Before: any change under [pppoe] or [lan] tore everything down (the tunnel recreated, every
+    connection of the mapping deleted, miniupnpd restarted)."""
+    assert sync(svc, "start")
+    k = svc.kernel
+    tunnel, cleanups = k.tunnels["ip6tnl1"], len(k.cleanups)
+    (tmp_path / "mape.toml").write_text(BASE + 'hosts = ["192.168.1.55"]\n')
+    svc.reload()
+    assert sync(svc, "reload")
+    changed = [a for a in svc.last.plan.actions]
+    assert changed and all(a.kind in ("firewall", "nft", "conntrack") for a in changed), changed
+    assert k.tunnels["ip6tnl1"] is tunnel  # never deleted: the same object the first sync made
+    assert not any(c.drop_ipv4 for c in k.cleanups[cleanups:])  # the mapping's connections stay
+    assert any("-s 192.168.1.55/32" in r for (t, n), rules in k.chains.items() for r in rules)
+
+
+def test_the_newest_config_wins_even_when_a_sighup_arrives_during_the_switch(svc, tmp_path, caplog):
+    """Before: a SIGHUP that arrived while the previous reload was being applied was lost (its
+    config overwritten with None), and the journal still said applied."""
+    assert sync(svc, "start")
+    path, real = tmp_path / "mape.toml", svc.configs.switch
+
+    async def scenario() -> bool:
+        loop = asyncio.get_running_loop()
+
+        def slow_switch(new):
+            path.write_text(BASE + "[tunnel]\nmtu = 1400\n")  # the third SIGHUP's file
+            loop.call_soon_threadsafe(svc.reload)
+            time.sleep(0.3)  # the loop runs the handler meanwhile
+            return real(new)
+
+        svc.configs.switch = slow_switch
+        return await svc.sync_once("reload")
+
+    for mtu in (1420, 1410):  # two SIGHUPs before the sync
+        path.write_text(BASE + f"[tunnel]\nmtu = {mtu}\n")
+        svc.reload()
+    with caplog.at_level(logging.INFO, "mape-daemon"):
+        assert asyncio.run(scenario())
+    assert svc.kernel.tunnels["ip6tnl1"].mtu == 1410 and svc.pending is not None
+    svc.configs.switch = real
+    assert sync(svc, "reload") and svc.kernel.tunnels["ip6tnl1"].mtu == 1400 and svc.pending is None
+    assert caplog.text.count("applied") == 1  # the one whose config reached the kernel by then
 
 
 def test_a_bad_reload_after_a_good_one_says_which_config_stays(svc, tmp_path, caplog):

@@ -4,11 +4,14 @@ of another process) is repaired by the nf_tables event, not by the periodic sync
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
 
 from tests.lab import traffic
 from tests.lab.daemon import Daemon
-from tests.lab.netns import call, sh
+from tests.lab.netns import call, sh, spawn
 from tests.lab.topo import SERVER, wait_for
 
 CONFIG = ('[wan]\ninterface = "wan0"\n[lan]\ninterfaces = ["lan0"]\n[pppoe]\n[firewall]\nbackend = "nftables"\n'
@@ -49,4 +52,50 @@ def test_nftables_backend_ignores_iptables_flushes_and_repairs_its_table_by_even
     finally:
         assert d.stop() == 0, d.text()
     assert "table ip mape" not in sh(lab.ce, "nft", "list", "tables")
+    assert "Traceback" not in d.text()
+
+
+def test_a_reload_of_pppoe_hosts_keeps_the_tunnel_and_a_long_connection_and_the_last_of_three_sighups_wins(
+    lab, tmp_path
+):
+    """Before: adding one host to pppoe.hosts tore everything down (the tunnel recreated, every
+    connection NATed to the MAP IPv4 deleted); a SIGHUP that came while a reload was applied was
+    lost. Now the connection keeps its port and echoes on, the tunnel keeps its ifindex, and of
+    three SIGHUPs in quick succession the last file is what runs."""
+    ce = lab.ce_params()
+    chain = lab.br_add_ce(ce)
+    d = Daemon(lab, tmp_path, CONFIG).start()
+    out, stop = tmp_path / "hold.json", tmp_path / "stop-hold"
+    holder = None
+    try:
+        wait_for(d.synced_by_me, 120, "the first sync")
+        index = sh(lab.ce, "cat", "/sys/class/net/ip6tnl1/ifindex")
+        holder = spawn(lab.lan, traffic.hold_tcp, SERVER, str(out), str(stop))
+        wait_for(lambda: out.exists() and json.loads(out.read_text())["echoes"] >= 3, 60, "an established connection")
+        before = json.loads(out.read_text())
+
+        d.cfg.write_text(CONFIG.replace("[pppoe]\n", '[pppoe]\nhosts = ["192.168.1.77"]\n'))
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "192.168.1.77" in sh(lab.ce, "nft", "list", "chain", "ip", "mape", "pbr"), 30, "the reload")
+        wait_for(lambda: json.loads(out.read_text())["echoes"] >= before["echoes"] + 5, 60, "echoes after the reload")
+        after = json.loads(out.read_text())
+        assert after["broken"] is None and after["sport"] == before["sport"], (before, after)
+        assert sh(lab.ce, "cat", "/sys/class/net/ip6tnl1/ifindex") == index  # the same tunnel, never recreated
+        assert "removed our state under the old config" not in d.text() and "conntrack:" not in d.text(), d.text()
+
+        for mtu in (1420, 1410, 1400):  # three SIGHUPs in quick succession: the last one wins
+            d.cfg.write_text(CONFIG + f"[tunnel]\nmtu = {mtu}\n")
+            d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "mtu 1400 " in sh(lab.ce, "ip", "link", "show", "ip6tnl1"), 30, "the last reload")
+        wait_for(lambda: d.text().count("applied") >= 2, 30, "the journal saying so")
+        stop.touch()
+        os.waitpid(holder, 0)
+        holder = None
+        assert json.loads(out.read_text())["broken"] is None
+        assert lab.br_counters(chain) == {"wrong-source": 0, "out-of-set": 0}
+    finally:
+        if holder is not None:
+            stop.touch()
+            os.waitpid(holder, 0)
+        assert d.stop() == 0, d.text()
     assert "Traceback" not in d.text()
