@@ -30,9 +30,16 @@ def key_error(key: str, message: str) -> ValueError:
     return ValueError(f"@{key} {message}")
 
 
+# The kernel allows them in a name, but nftables' and iptables-restore's text cannot carry them
+# (a double quote ends nft's string; iptables-restore strips quotes and backslashes).
+UNQUOTABLE = "\"'\\"
+
+
 def check_ifname(name: str) -> str:
-    """The kernel's rules for an interface name (dev_valid_name), plus the two characters the
-    firewall reads as wildcards: VLANs (`eth0.10`), bridges, `-` and `_` are all fine."""
+    """The kernel's rules for an interface name (dev_valid_name), plus what the firewall text
+    cannot carry (quotes, backslash) and the two characters it reads as wildcards. VLANs
+    (`eth0.10`), bridges and every other ASCII punctuation (`-_.@#;{}+=...`) are fine: a test loads
+    our table and chains with each of them (tests/test_firewall_contract.py)."""
     size = len(name.encode())
     if not 0 < size < IFNAMSIZ:
         raise ValueError(f"interface name {name!r} is {size} bytes; Linux allows 1 to {IFNAMSIZ - 1}")
@@ -41,6 +48,9 @@ def check_ifname(name: str) -> str:
     bad = sorted({c for c in name if c in "/:" or c.isspace()})
     if bad:
         raise ValueError(f"interface name {name!r} has {', '.join(map(repr, bad))}, which Linux does not allow")
+    if quotes := sorted({c for c in name if c in UNQUOTABLE}):
+        raise ValueError(f"interface name {name!r} has {', '.join(map(repr, quotes))}, which nftables and iptables "
+                         "rules cannot carry: rename the interface")  # fmt: skip
     if name.endswith("+") or "*" in name:
         raise ValueError(f"interface name {name!r}: iptables and nftables read a trailing + or a * as a wildcard")
     return name

@@ -192,6 +192,11 @@ def test_duplicate_jump_is_removed_once():
         ('[wan]\ninterface = "eth0:1"\n', "wan.interface: interface name 'eth0:1' has ':'"),
         ('[wan]\ninterface = ".."\n', "wan.interface: '..' is not a valid interface name"),
         ('[wan]\ninterface = "eth+"\n', "wan.interface: interface name 'eth+': iptables and nftables read"),
+        (
+            BASE + "[lan]\ninterfaces = ['lan\"0']\n",
+            "lan.interfaces.0: interface name 'lan\"0' has '\"', which nftables",
+        ),
+        (BASE + '[pppoe]\ninterface = "pp\'p"\n', 'pppoe.interface: interface name "pp\'p" has "\'", which'),
         ("[wan\n", "not valid TOML"),
     ],
 )

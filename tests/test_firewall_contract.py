@@ -158,3 +158,49 @@ def test_applying_a_change_twice_still_converges(h):
     writes, changes = sync(h)
     assert writes == 3 and all(c.del_jumps and not c.replace for c in changes)
     assert sync(h) == (0, [])
+
+
+# Every ASCII punctuation the kernel allows in a name and the config accepts (not / : % " ' \ *,
+# nor a trailing +): each must survive the way into nftables and iptables text and back.
+SPECIAL = "!#$&()+,-.;<=>?@[]^_`{|}~"
+
+
+@pytest.mark.parametrize("backend", ["nftables", "iptables-nft", "iptables-legacy"])
+def test_interface_names_with_every_allowed_special_character_load_and_read_back_as_written(backend):
+    """Before: a name with a quote went into the text as is, and every sync failed. Names with the
+    characters the config accepts are loaded on the real kernel and a second pass changes nothing."""
+    from mape_daemon.kernel.nftables import NftTable
+
+    for c in SPECIAL:
+        lan, ppp, tunnel = f"l{c}0", f"p{c}0", f"t{c}0"
+        cfg = parse(f'[wan]\ninterface = "wan0"\n[tunnel]\nname = "{tunnel}"\n[lan]\ninterfaces = ["{lan}"]\n'
+                    f'[pppoe]\ninterface = "{ppp}"\nhosts = ["192.168.1.55"]\n')  # fmt: skip
+        with fresh_netns():
+            want = desired.build(cfg, OCN_A, {"wan0", lan, ppp}, native=backend == "nftables")
+            table = NftTable()
+            table.replace(want.nft)  # the guard and inbound policy (or everything, on nftables)
+            listed = table.observe()
+            assert listed is not None and table.expected(want.nft) == listed, c
+            written = [name for name in (lan, ppp, tunnel) if f'"{name}"' in want.nft]
+            assert tunnel in written and all(f'"{name}"' in listed for name in written), (c, listed)
+            if backend == "nftables":
+                continue
+            h = RealHarness(*(
+                (_restore(), "iptables-nft") if backend == "iptables-nft" else (_iptc(), "iptables-legacy")
+            ))  # fmt: skip
+            writes, _ = sync(h, cfg=cfg)
+            assert writes == 3 and sync(h, cfg=cfg) == (0, []), c  # read back exactly as written
+            saved = h.save()
+            assert f"-i {lan} " in saved and f"-o {tunnel} " in saved and f"-o {ppp} " in saved, (c, saved)
+
+
+def _restore():
+    from mape_daemon.kernel.netfilter_restore import RestoreChains
+
+    return RestoreChains("iptables-nft")
+
+
+def _iptc():
+    from mape_daemon.kernel.netfilter_iptc import IptcChains
+
+    return IptcChains()
