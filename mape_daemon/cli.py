@@ -191,7 +191,7 @@ def make_reconciler(config: Config | None, records):
     from .reconciler import Reconciler
 
     backend = config.firewall.backend if config else "auto"
-    return Reconciler(config, make_kernel(backend, records.record.backend), records)
+    return Reconciler(config, make_kernel(backend, records.record.backend), records, kernel_for=make_kernel)
 
 
 def describe_selection(result_or_computed) -> str:

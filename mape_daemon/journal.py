@@ -96,6 +96,10 @@ class SyncJournal:
             log.error("sync failed%s: %s (retrying)", done, result.error, extra=fields(result, "error", cause),
                       exc_info=trace)  # fmt: skip
         lines = describe(result, cause)
+        if result.moved_from is not None:
+            backend, n = result.moved_from
+            lines.insert(0, Line("teardown", f"our state in the {backend} backend (the record's) removed first, "
+                                             f"{n} object(s): the config's backend is another"))  # fmt: skip
         if result.selection.held and not self.holding:
             lines.insert(0, Line("hold", f"prefix gone from {config.wan.interface}: {result.selection.reason}"))
         self.holding = result.selection.held

@@ -17,7 +17,7 @@ from typing import Protocol
 from . import desired as desired_mod
 from .actions import Action, ConntrackCleanup, Plan
 from .config import Config
-from .errors import ConflictError
+from .errors import ConflictError, RetryableError
 from .mapcalc import MapParams, MappingError
 from .plan import diff
 from .prefix import Selection, map_address, select
@@ -94,11 +94,13 @@ class Reconciler:
         kernel: KernelPort,
         records: RecordFile,
         clock: Callable[[], float] = time.monotonic,
+        kernel_for: Callable[[str], KernelPort] | None = None,
     ):
         self.config = config  # None: only removal is possible (cleanup without a usable config)
         self.kernel = kernel
         self.records = records
         self.clock = clock
+        self.kernel_for = kernel_for  # the adapter for another backend (the one the record names)
         self.lost_at: float | None = None  # when the WAN prefix went away (flap hold-down)
         self.before_apply: Callable[[Action], None] = lambda action: None  # a test's fault-injection point
         self._built: tuple[tuple, State] | None = None
@@ -252,12 +254,35 @@ class Reconciler:
             rec.mapping = mapping_of(computed.selection) if want is not NOTHING else None
         wanted = {t.name for t in want.tunnels}
         rec.tunnels = [n for n in rec.tunnels if n in wanted or n in obs.tunnels]
+        # A CE /128 that went with the WAN (a flap, a network manager) and is no longer wanted.
+        kept = {(a.ifname, a.address) for a in obs.addresses | want.addresses}
+        rec.addresses = [a for a in rec.addresses if a in kept]
         rec.rp_filter = {i: v for i, v in rec.rp_filter.items() if i in obs.rp_filter}  # gone with its interface
         if want is NOTHING:
             rec.backend = None
 
     def sync(self, teardown: bool = False) -> SyncResult:
-        """One pass. Never raises for kernel trouble: the result carries the error."""
+        """One pass. Never raises for kernel trouble: the result carries the error.
+
+        The record, not the config, says where our netfilter state lives: when it names another
+        backend (the config changed it, or `auto` now picks another), our state is first removed
+        through the recorded backend, so nothing is orphaned; a teardown uses it whatever the
+        config says."""
+        recorded = self.record.backend
+        if recorded and recorded != self.kernel.backend and self.kernel_for is not None:
+            current, self.kernel = self.kernel, self.kernel_for(recorded)
+            try:
+                moved = self._sync(teardown=True)
+            finally:
+                self.kernel = current
+            if teardown or not moved.ok:
+                return moved
+            result = self._sync(teardown)
+            result.moved_from = (recorded, len(moved.plan.actions))
+            return result
+        return self._sync(teardown)
+
+    def _sync(self, teardown: bool) -> SyncResult:
         t0 = time.monotonic()
         writes0, deleted0 = self.kernel.writes, self.kernel.conntrack_deleted
         previous = self.record.mapping
@@ -288,7 +313,10 @@ class Reconciler:
             except Exception as e:
                 result.error = e
             finally:
-                self.records.save()
+                try:
+                    self.records.save()
+                except OSError as e:  # the kernel state stands; the next sync writes the record again
+                    result.error = result.error or RetryableError(f"writing {self.records.path}: {e.strerror or e}")
         result.writes = self.kernel.writes - writes0
         result.conntrack_deleted = self.kernel.conntrack_deleted - deleted0
         result.seconds = time.monotonic() - t0

@@ -26,7 +26,6 @@ from .errors import MapeError
 from .files import write_atomic
 
 RECORD_NAME, LOCK_NAME = "owned.json", "lock"
-CANONICAL_KEPT = 8  # learned nft listings kept (one per table script seen lately)
 
 
 @dataclass
@@ -56,8 +55,6 @@ class Record:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["version"] = 1
-        keep = list(self.nft_canonical.items())[-CANONICAL_KEPT:]
-        data["nft_canonical"] = dict(keep)
         return data
 
     @classmethod

@@ -27,6 +27,7 @@ class SyncResult:
     previous: AppliedMapping | None = None  # the mapping before this sync
     wan: tuple[WanAddress, ...] = ()  # the WAN's addresses as this sync saw them
     conntrack_deleted: int = 0
+    moved_from: tuple[str, int] | None = None  # (backend, objects removed there) when the backend changed
 
     @property
     def params(self) -> MapParams | None:

@@ -57,9 +57,10 @@ class Service:
         records: RecordFile,
         make_kernel: Callable[[Config], Any],
         state_dir: Path = STATE_DIR,
+        kernel_for: Callable[[str], Any] | None = None,
     ):
         self.path, self.records, self.state_dir = config_path, records, state_dir
-        self.reconciler = Reconciler(config, make_kernel(config), records)
+        self.reconciler = Reconciler(config, make_kernel(config), records, kernel_for=kernel_for)
         self.runner = Runner(self.sync_once)
         self.configs = ConfigSwitch(config_path, self.reconciler, records, make_kernel)
         self.journal = SyncJournal()
@@ -274,7 +275,6 @@ def main(config_path: str) -> int:
 
     with exclusive(STATE_DIR, "running a second daemon"):
         records = RecordFile(STATE_DIR)
-        return asyncio.run(
-            Service(config_path, config, records, lambda cfg: make_kernel(cfg.firewall.backend, records.record.backend))
-            .run()
-        )  # fmt: skip
+        service = Service(config_path, config, records, lambda cfg: make_kernel(cfg.firewall.backend,
+                          records.record.backend), kernel_for=make_kernel)  # fmt: skip
+        return asyncio.run(service.run())

@@ -97,12 +97,13 @@ class FakeKernel:
     def nft_matches(self, script: str | None, listed: str | None) -> bool:
         return script == listed
 
-    def observe(self, q: Query) -> Observed:
+    def observe(self, q: Query, backend: str | None = None) -> Observed:
         wan = list(self.wan_addrs)
         wan += [WanAddress(a, 128, False, False, True) for i, a in sorted(self.ce_addrs) if i == q.wan]
         addrs = {Address(i, a, 128) for i, a in self.ce_addrs if (i, a) in q.addresses}
         addrs |= {a for a in self.addresses if a.ifname in q.tunnels and a.ifname in self.tunnels}
-        chains, jumps = self.iptables.observe()
+        # The nftables backend reads no iptables chains (LinuxKernel.chains is None there).
+        chains, jumps = self.iptables.observe() if (backend or self.backend) != "nftables" else (frozenset(), ())
         return Observed(
             links=dict(self.links),
             wan=tuple(wan),
@@ -122,7 +123,8 @@ class FakeKernel:
     def normalize(self, state):
         return state
 
-    def apply(self, action: Action) -> None:
+    def apply(self, action: Action, backend: str | None = None) -> None:
+        self._backend_now = backend or self.backend
         if self.fail_on is not None and isinstance(action, self.fail_on):
             self.fail_on = None
             raise RetryableError(f"injected failure of {action}")
@@ -139,7 +141,7 @@ class FakeKernel:
         return False
 
     def _firewall(self, action: FirewallChange) -> None:
-        if self.backend == "nftables":
+        if self._backend_now == "nftables":
             raise RuntimeError(f"the nftables backend has no iptables chains to change: {action}")
         self.iptables.apply(action)
 
@@ -213,6 +215,23 @@ class FakeKernel:
             self.rules[obj] = RT_PROTO
         elif self.rules.get(obj) == RT_PROTO:
             del self.rules[obj]
+
+
+class BackendView:
+    """The same fake kernel seen through another backend (what make_kernel(backend) gives for
+    the one the record names)."""
+
+    def __init__(self, base: FakeKernel, backend: str) -> None:
+        self._base, self.backend = base, backend
+
+    def __getattr__(self, name: str):
+        return getattr(self._base, name)
+
+    def observe(self, q: Query) -> Observed:
+        return self._base.observe(q, self.backend)
+
+    def apply(self, action: Action) -> None:
+        self._base.apply(action, self.backend)
 
 
 class FakeChains:

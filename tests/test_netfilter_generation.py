@@ -96,3 +96,15 @@ def test_a_commit_is_announced_with_its_generation_and_the_committing_pid():
         loop.call_soon_threadsafe(task.cancel)
         runner.join(10)
         assert seen == [(current_generation(), proc.pid)]
+
+
+def test_learned_listings_stay_bounded_in_memory():
+    """Before: the canonical listings only grew in memory (the record kept the last 8 on disk)."""
+    from mape_daemon.kernel.nftables import CANONICAL_KEPT
+
+    with fresh_netns():
+        t = NftTable()
+        for i in range(CANONICAL_KEPT + 4):
+            t.replace(TABLE.replace("priority 300", f"priority {300 + i}"))
+        assert len(t.canonical) == CANONICAL_KEPT
+        assert t.expected(TABLE.replace("priority 300", f"priority {300 + CANONICAL_KEPT + 3}")) == t.observe()

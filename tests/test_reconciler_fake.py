@@ -331,3 +331,37 @@ def test_a_no_op_sync_builds_nothing_and_any_input_of_the_desired_state_builds_i
     r.config = parse(BASE + '[lan]\ninterfaces = ["lan0"]\n[pppoe]\nhosts = ["192.168.1.56/32"]\n')  # a reload
     assert "+ mangle chain MAPE-PBR (4 rules)" in strs(r.sync().plan) and len(builds) == 4
     assert not r.sync().plan and len(builds) == 4
+
+
+def test_the_record_not_the_config_says_which_backend_holds_our_state(state_dir):
+    """Before: cleanup and the stop-time teardown took the backend from the config and then forgot
+    the record's: after a switch (iptables-nft to nftables, as the README advises) the old MAPE-*
+    chains and their jumps were orphaned; a start on the new backend failed until cleanup."""
+    from tests.fake_kernel import BackendView
+
+    k, r = converged(state_dir)
+    assert k.chains and r.record.backend == "fake"  # an iptables backend, chains of ours
+    kernel_for = lambda backend: BackendView(k, backend)  # noqa: E731
+    teardown = Reconciler(CFG, BackendView(k, "nftables"), RecordFile(state_dir), kernel_for=kernel_for)
+    assert teardown.sync(teardown=True).ok  # the config names nftables; the record says otherwise
+    assert not k.chains and not any(k.builtin.values()) and not k.tunnels and k.nft is None
+    assert teardown.record.backend is None
+
+    k.slaac(SLAAC_A)
+    assert Reconciler(CFG, k, RecordFile(state_dir)).sync().ok and k.chains  # back on the iptables backend
+    switched = Reconciler(CFG, BackendView(k, "nftables"), RecordFile(state_dir), kernel_for=kernel_for)
+    result = switched.sync()  # a start (or reload) on the other backend moves our state
+    assert result.ok and result.moved_from[0] == "fake" and result.moved_from[1] > 10, result.error
+    assert not k.chains and not any(k.builtin.values())  # no orphan
+    assert " snat ip to " in k.nft and switched.record.backend == "nftables"
+    assert not switched.sync().plan
+
+
+def test_a_ce_address_that_went_with_the_wan_leaves_the_record(state_dir):
+    """Before: a /128 removed by a WAN flap before a renumbering stayed in the record forever."""
+    k, r = converged(state_dir)
+    (old,) = r.record.addresses
+    k.ce_addrs.clear()  # a network manager removed it
+    k.slaac(SLAAC_B, preferred_lft=7200)  # and the prefix moved meanwhile
+    assert r.sync().ok
+    assert old not in r.record.addresses and len(r.record.addresses) == 1

@@ -20,6 +20,7 @@ from ..errors import CannotRunHere, RetryableError
 
 FAMILY, TABLE = "ip", "mape"
 OUTPUT_STATELESS = 1 << 2  # list without counter values: they change with every packet
+CANONICAL_KEPT = 8  # learned listings kept (one per table script seen lately), in memory and in the record
 
 
 class Libnftables:
@@ -108,4 +109,7 @@ class NftTable:
         if script is not None:
             listed = self.observe()
             if listed is not None:
+                self.canonical.pop(digest(script), None)  # the newest last: the oldest goes first
                 self.canonical[digest(script)] = listed
+                while len(self.canonical) > CANONICAL_KEPT:
+                    del self.canonical[next(iter(self.canonical))]
