@@ -37,6 +37,7 @@ from .statefile import STATE_DIR, DaemonState
 log = logging.getLogger("mape-daemon")
 FULL_CHECK, FULL_CHECK_LEGACY = 900.0, 60.0  # default sync_interval (see full_check_period)
 UPNP_RETRY = 60.0  # seconds before a failed miniupnpd update is tried again
+STATUS_RETRY = 60.0  # ... and a failed write of the state file
 
 
 def full_check_period(cfg: Config, backend: str) -> float:
@@ -73,6 +74,7 @@ class Service:
         self.exit_code = EXIT_OK
         self.miniupnpd = upnp.Miniupnpd()
         self.upnp_problem: str | None = None
+        self.status_problem: str | None = None  # why the state file could not be written, as said once
         self.syncs = 0
         stop_at = os.environ.get("MAPE_DEBUG_STOP_BEFORE")  # test knob: freeze before an action kind
         if stop_at:
@@ -159,13 +161,30 @@ class Service:
             self._write_status(self.last)
 
     def _write_status(self, result: SyncResult) -> None:
+        """The state file; a failure (a full /run) is said once and retried, and the loop and the
+        kernel state carry on."""
+        try:
+            self._status(result).write(self.state_dir)
+        except OSError as e:
+            problem = f"cannot write the state file in {self.state_dir}: {e.strerror or e}"
+            if problem != self.status_problem:
+                log.error("%s (retrying every minute; `mape-daemon status` shows old news meanwhile)", problem,
+                          extra=fields(result, "error", "retry"))  # fmt: skip
+            self.status_problem = problem
+            self.runner.wake_in(STATUS_RETRY, "retry")
+            return
+        if self.status_problem is not None:
+            log.info("the state file is written again", extra=fields(result, "error", "retry"))
+        self.status_problem = None
+
+    def _status(self, result: SyncResult) -> DaemonState:
         p, j, fw = result.params, self.journal, self.events.firewalld
         active = j.active if p is not None else []
         upnp_state = None
         if self.config.upnp.enabled:
             upnp_state = {"file": str(self.config.upnp.file), "offering": self.miniupnpd.offering,
                           "problem": self.upnp_problem}  # fmt: skip
-        DaemonState(
+        return DaemonState(
             pid=os.getpid(),
             last_sync=result.started,
             ok=result.ok,
@@ -194,7 +213,7 @@ class Service:
             firewalld=None if fw is None else dataclasses.asdict(fw),
             upnp=upnp_state,
             config_loaded_at=self.configs.loaded_at,
-        ).write(self.state_dir)
+        )
 
     # --- signals and the loop ---------------------------------------------------------------
     def reload(self) -> None:

@@ -4,6 +4,7 @@ kernel; the lab tests run the same service against the real one."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
@@ -199,3 +200,19 @@ def test_the_full_check_is_rare_where_netfilter_announces_changes(tmp_path, back
     text = '[wan]\ninterface = "wan0"\n' + (f"[daemon]\nsync_interval = {configured}\n" if configured else "")
     s = Service(str(tmp_path / "mape.toml"), parse(text), RecordFile(tmp_path / "run"), lambda cfg: k, tmp_path)
     assert s.runner.schedule.period == period
+
+
+def test_a_state_folder_that_cannot_be_written_is_said_once_and_the_loop_and_kernel_state_go_on(svc, tmp_path, caplog):
+    """Before: an error writing /run/mape-daemon (ENOSPC, a read-only mount) escaped the sync and
+    ended the loop."""
+    assert sync(svc, "start")
+    whole = svc.kernel.snapshot()
+    svc.state_dir = tmp_path / "full"
+    svc.state_dir.write_text("not a folder")  # every write below it fails, as on a full /run
+    with caplog.at_level(logging.INFO, "mape-daemon"):
+        assert sync(svc, "periodic") and sync(svc, "retry")  # no exception: the loop goes on
+        assert caplog.text.count("cannot write the state file") == 1  # said once, not at every retry
+        assert svc.runner.schedule.wakes["retry"] > 0 and svc.kernel.snapshot() == whole
+        svc.state_dir = tmp_path / "run"
+        assert sync(svc, "retry") and "the state file is written again" in caplog.text
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["ok"]
