@@ -47,8 +47,11 @@ def netfilter(config: Config, params: MapParams, native: bool) -> firewall.Netfi
 
 
 def build(config: Config, params: MapParams | None, links: Collection[str] = (), native: bool = False) -> State:
-    """The whole desired state. `links` are the interfaces that exist now (ppp0 may come late);
-    `native`: the nftables backend, all our netfilter state in our table, no iptables chains."""
+    """The whole desired state. `links` are the interfaces that can carry IPv4 now: ppp0 may come
+    late, and is down while pppd negotiates (LCP, auth, IPCP) or up without an address; until it
+    can carry traffic, table 10 holds only the unreachable default (PPPoE-only traffic fails
+    closed) and nothing is routed into it. `native`: the nftables backend, all our netfilter
+    state in our table, no iptables chains."""
     if params is None:
         return NOTHING
     t, wan = config.tunnel, config.wan.interface

@@ -16,12 +16,13 @@ from typing import Any
 
 from . import forwards
 from .config import Config, ForwardConfig
-from .errors import MapeError
+from .errors import MapeError, RetryableError
 from .report import Line, describe
 from .result import SyncResult
 
 log = logging.getLogger("mape-daemon")
 HISTORY = 20  # changes kept for `status`
+PERSISTENT = 3  # consecutive failed syncs of a passing kind before the journal calls it an ERROR
 
 
 class PlainFormatter(logging.Formatter):
@@ -87,14 +88,33 @@ class SyncJournal:
         self.holding = False
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self.repairs: Counter[str] = Counter()
+        self.failures = 0  # consecutive failed syncs
+        self.said_error = False  # the journal has an ERROR for the current run of failures
+
+    def _failure(self, result: SyncResult, cause: str) -> None:
+        """ERROR means a person must act: a kernel race that passes (a link vanishing mid-sync, the
+        kernel changing during a read, ppp0 going away) is retried quietly, and becomes an ERROR
+        only when it persists; anything else is an ERROR at once."""
+        self.failures += 1
+        done = f" after {result.applied} of {len(result.plan.actions)} changes" if result.plan else ""
+        passing = isinstance(result.error, RetryableError)
+        if passing and self.failures < PERSISTENT:
+            log.info("sync did not finish%s: %s (retrying)", done, result.error, extra=fields(result, "retry", cause))
+            return
+        # A traceback only for what we did not expect; kernel refusals explain themselves.
+        trace = result.error if not isinstance(result.error, MapeError) else None
+        again = f" ({self.failures} times in a row)" if passing else ""
+        log.error("sync failed%s%s: %s (retrying)", done, again, result.error, extra=fields(result, "error", cause),
+                  exc_info=trace)  # fmt: skip
+        self.said_error = True
 
     def report(self, result: SyncResult, config: Config, cause: str, triggers: tuple[str, ...] = ()) -> None:
         if result.error is not None:
-            done = f" after {result.applied} of {len(result.plan.actions)} changes" if result.plan else ""
-            # A traceback only for what we did not expect; kernel refusals explain themselves.
-            trace = result.error if not isinstance(result.error, MapeError) else None
-            log.error("sync failed%s: %s (retrying)", done, result.error, extra=fields(result, "error", cause),
-                      exc_info=trace)  # fmt: skip
+            self._failure(result, cause)
+        elif self.failures:
+            if self.said_error:
+                log.info("syncs work again after %d failure(s)", self.failures, extra=fields(result, "retry", cause))
+            self.failures, self.said_error = 0, False
         lines = describe(result, cause)
         if result.moved_from is not None:
             backend, n = result.moved_from

@@ -172,7 +172,7 @@ class Reconciler:
                 if rec.backend and rec.backend != self.kernel.backend:
                     raise ConflictError(f"our netfilter state lives in {rec.backend}, and this config uses "
                                         f"{self.kernel.backend}: run `mape-daemon cleanup` first")  # fmt: skip
-            want, conflicts = _describe_conflicts(cfg, self._build(cfg, selection.params, obs.links), obs)
+            want, conflicts = _describe_conflicts(cfg, self._build(cfg, selection.params, obs.carriers), obs)
             self._check_endpoints(want, obs)
         if self.kernel.nft_matches(want.nft, obs.nft):
             have = replace(have, nft=want.nft)  # the same table, in nft's canonical listing
@@ -183,7 +183,8 @@ class Reconciler:
 
     def _build(self, cfg: Config, params: MapParams | None, links: Mapping[str, str]) -> State:
         """The desired state in the kernel's normal form, built again only when what it reads moved
-        (the config, the mapping, whether ppp0 exists, the backend): a no-op sync builds nothing."""
+        (the config, the mapping, whether ppp0 can carry traffic, the backend): a no-op sync
+        builds nothing. `links`: the interfaces that can carry IPv4 now."""
         key = (cfg, params, cfg.pppoe is not None and cfg.pppoe.interface in links, self.kernel.backend)
         if self._built is not None and self._built[0] == key:
             return self._built[1]

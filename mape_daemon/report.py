@@ -51,7 +51,7 @@ def prefix_state(prefix: str, result: SyncResult) -> str:
 
 def describe(result: SyncResult, cause: str) -> list[Line]:
     """The lines for one sync; none when nothing changed."""
-    actions = result.plan.actions
+    actions = result.plan.actions[: result.applied]  # a failed sync says only what it did
     if not actions:
         return []
     p, prev = result.params, result.previous

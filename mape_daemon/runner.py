@@ -24,6 +24,7 @@ EVENT_SOURCES = ("netlink", "nftables", "firewalld")
 @dataclass
 class Schedule:
     min_interval: float = 0.5  # a burst of netlink events becomes one sync
+    event_in_backoff: float = 2.0  # an event during a backoff syncs this soon, and a storm no sooner
     period: float = 60.0  # full sync even without events
     backoff_first: float = 1.0
     backoff_max: float = 60.0  # never longer than the period (see Service)
@@ -46,6 +47,8 @@ class Schedule:
         due = self.last_start + self.period
         if self.failures:
             due = min(due, self.last_start + max(self.min_interval, self.retry_delay()))
+            if self.causes:  # news may be what the failed sync waited for (ppp0 up, a link back)
+                due = min(due, self.last_start + max(self.min_interval, self.event_in_backoff))
         elif self.causes:
             due = self.last_start + self.min_interval
         if self.wake_at is not None:

@@ -214,6 +214,7 @@ class Query:
 @dataclass(frozen=True)
 class Observed:
     links: dict[str, str]  # every interface name -> its kind ("" for a plain device)
+    carriers: frozenset[str]  # interfaces that can carry IPv4 now: up, running, with an IPv4 address
     wan: tuple[WanAddress, ...]  # the WAN's global IPv6 addresses
     tunnels: dict[str, Tunnel]  # every ip6tnl (ours or not), by name
     addresses: frozenset[Address]  # recorded CE /128s that are there, and IPv4 addresses on asked tunnels

@@ -37,6 +37,7 @@ class FakeKernel:
         self.wan = wan
         self.ip6tnl = ip6tnl
         self.wan_addrs: list[WanAddress] = []
+        self.cannot_carry: set[str] = set()  # links down, or up without an IPv4 address (pppd negotiating)
         self.ce_addrs: set[tuple[str, str]] = set()  # /128s with nodad noprefixroute: (ifname, address)
         self.tunnels: dict[str, Tunnel] = {}
         self.addresses: set[Address] = set()  # IPv4 addresses on tunnels
@@ -75,6 +76,15 @@ class FakeKernel:
             self.tunnels[name] = Tunnel(**{**t.__dict__, "up": False})
             self.routes = {r: p for r, p in self.routes.items() if r.dev != name}
 
+    def ppp(self, name: str, can_carry: bool) -> None:
+        """pppd's states: present but down (negotiating, between retries) or up with an address.
+        The kernel drops the IPv4 routes of a device that goes down."""
+        if can_carry:
+            self.cannot_carry.discard(name)
+        else:
+            self.cannot_carry.add(name)
+            self.routes = {r: p for r, p in self.routes.items() if r.dev != name}
+
     def apply_del_tunnel(self, name: str) -> None:
         """Someone deletes the tunnel by hand (with it go its addresses and routes)."""
         self._tunnel(NetAction("del", self.tunnels[name]))
@@ -106,6 +116,7 @@ class FakeKernel:
         chains, jumps = self.iptables.observe() if (backend or self.backend) != "nftables" else (frozenset(), ())
         return Observed(
             links=dict(self.links),
+            carriers=frozenset(self.links) - self.cannot_carry,
             wan=tuple(wan),
             tunnels=dict(self.tunnels),
             addresses=frozenset(addrs),
@@ -201,6 +212,8 @@ class FakeKernel:
         else:
             if obj.dev:
                 self._need_link(obj.dev)
+                if obj.dev in self.cannot_carry and obj.dev not in self.tunnels:
+                    raise RetryableError(f"add {obj.describe()}: Network is down")  # the kernel's ENETDOWN
             holder = next((r for r in self.routes if r.key == obj.key), None)
             if holder is not None and (holder != obj or self.routes[holder] != RT_PROTO):
                 raise ConflictError(f"route slot {obj.key} is taken")  # exclusive create

@@ -365,3 +365,25 @@ def test_a_ce_address_that_went_with_the_wan_leaves_the_record(state_dir):
     k.slaac(SLAAC_B, preferred_lft=7200)  # and the prefix moved meanwhile
     assert r.sync().ok
     assert old not in r.record.addresses and len(r.record.addresses) == 1
+
+
+def test_pppds_states_give_the_right_table_10_without_a_failing_sync(state_dir):
+    """Before: ppp0 present but down (pppd negotiating, or between its retries) still got the
+    table-10 route: ENETDOWN, a failed sync, a growing backoff, and a tunnel repair that waited."""
+    k = FakeKernel(("wan0", "lan0", "ppp0"))
+    k.slaac(SLAAC_A)
+    k.ppp("ppp0", can_carry=False)  # LCP, auth, IPCP
+    _, r = make(state_dir, kernel=k)
+
+    def table10() -> list[str]:
+        return sorted(f"{x.kind} {x.dev}" for x in k.routes if x.table == 10)
+
+    assert r.sync().ok and table10() == ["unreachable "]  # fails closed, no route into a dead link
+    k.ppp("ppp0", can_carry=True)
+    assert r.sync().ok and table10() == ["unicast ppp0", "unreachable "]
+    k.ppp("ppp0", can_carry=False)  # pppd's retry: ppp0 down, and someone deletes the tunnel meanwhile
+    k.apply_del_tunnel("ip6tnl1")
+    result = r.sync()
+    assert result.ok, result.error  # the tunnel repair is not held up by ppp0
+    assert "ip6tnl1" in k.tunnels and table10() == ["unreachable "]
+    assert not r.sync().plan

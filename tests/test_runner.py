@@ -126,3 +126,20 @@ def test_runner_coalesces_and_stops():
     calls = asyncio.run(scenario())
     assert [(c, t) for _, c, t in calls] == [("start", ()), ("event", ("netlink",))]  # ten triggers, one sync
     assert calls[1][0] - calls[0][0] >= 0.05
+
+
+def test_an_event_during_a_backoff_brings_the_sync_forward_but_a_storm_no_faster_than_the_bound():
+    """Before: a failed sync's backoff (up to a minute) held every event back, so an unrelated
+    repair (a tunnel deleted, a CE address removed) waited for it."""
+    s = Schedule(min_interval=0.5, backoff_first=1, backoff_max=60, event_in_backoff=2)
+    for t in range(7):  # seven failures in a row: the next retry is a minute away
+        s.started(float(t))
+        s.finished(False, float(t))
+    assert s.wait(6.0) == 60
+    s.causes.add("netlink")  # news: perhaps what it waited for
+    assert s.wait(6.0) == 2 and s.cause(8.0) == "event"
+    s.started(8.0)
+    s.finished(False, 8.0)
+    for _ in range(1000):
+        s.causes.add("netlink")  # a storm of events while it keeps failing
+    assert s.wait(8.0) == 2  # at most one sync per bound, whatever the storm

@@ -216,3 +216,29 @@ def test_a_state_folder_that_cannot_be_written_is_said_once_and_the_loop_and_ker
         svc.state_dir = tmp_path / "run"
         assert sync(svc, "retry") and "the state file is written again" in caplog.text
     assert json.loads((tmp_path / "run" / "state.json").read_text())["ok"]
+
+
+def test_error_means_a_person_must_act_passing_races_are_retried_quietly(svc, caplog):
+    """Before: every failed sync was an ERROR line, also ppp0 vanishing mid-sync or the kernel
+    changing during a read, ordinary on a busy router."""
+    from mape_daemon.errors import ConflictError, RetryableError
+
+    assert sync(svc, "start")
+    k = svc.kernel
+    k.apply_del_tunnel("ip6tnl1")
+    with caplog.at_level(logging.INFO, "mape-daemon"):
+        for _ in range(2):
+            k.fail_kind = "tunnel"  # a passing race, twice
+            assert not sync(svc, "retry")
+        assert [r.levelname for r in caplog.records] == ["INFO", "INFO"]
+        assert "sync did not finish" in caplog.text and caplog.records[0].MAPE_EVENT == "retry"
+        k.fail_kind = "tunnel"
+        assert not sync(svc, "retry")  # the third in a row: it persists, a person should look
+        assert caplog.records[-1].levelname == "ERROR" and "(3 times in a row)" in caplog.text
+        assert sync(svc, "retry") and "syncs work again after 3 failure(s)" in caplog.text
+        caplog.clear()
+        k.apply_del_tunnel("ip6tnl1")
+        k.links["ip6tnl1"] = "gre"  # another program's device holds the name: not a passing race
+        assert not sync(svc, "event")
+        assert [r.levelname for r in caplog.records if r.levelname != "INFO"] == ["ERROR"]
+    assert isinstance(svc.last.error, ConflictError) and not isinstance(svc.last.error, RetryableError)

@@ -18,6 +18,7 @@ register_light()  # before any module of ours imports pyroute2
 import contextlib
 import errno
 import os
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any, Protocol
@@ -137,19 +138,21 @@ class LinuxKernel:
         nl = self.nl
         links = nl.links()
         tunnels = nl.tunnels()
-        wan = nl.wan_addresses(links[q.wan][0]) if q.wan in links else []
+        ipv6, ipv4 = nl.reader.addresses(socket.AF_INET6), nl.reader.addresses(socket.AF_INET)  # one dump each
+        wan = nl.wan_addresses(links[q.wan][0], ipv6) if q.wan in links else []
         addresses: set[Address] = set()
         for ifname, address in q.addresses:
             if ifname in links:
-                addresses |= {a for a in nl.addresses(ifname, links[ifname][0], 6) if a.address == address}
+                addresses |= {a for a in nl.addresses(ifname, links[ifname][0], 6, ipv6) if a.address == address}
         for name in q.tunnels:
             if name in tunnels:
-                addresses |= set(nl.addresses(name, links[name][0], 4))
+                addresses |= set(nl.addresses(name, links[name][0], 4, ipv4))
         routes, foreign_routes = nl.routes(q.route_tables)
         rules, foreign_rules = nl.rules()
         chains, jumps, nft = self._netfilter()
         return Observed(
             links={name: kind for name, (_, kind) in links.items()},
+            carriers=frozenset(nl.carriers(ipv4)),
             wan=tuple(wan),
             tunnels=tunnels,
             addresses=frozenset(addresses),

@@ -25,6 +25,7 @@ from .rtnl import (
     IFA_F_NODAD,
     IFA_F_NOPREFIXROUTE,
     IFA_F_TENTATIVE,
+    AddrMsg,
     Link,
     Reader,
     RouteMsg,
@@ -34,6 +35,7 @@ from .rtnl import (
 )
 
 IFF_UP = 0x1
+IFF_UP_RUNNING = IFF_UP | 0x40
 IP6_TNL_F_IGN_ENCAP_LIMIT = 0x1
 IPPROTO_IPIP, IPPROTO_IPV6 = 4, 41
 MODES = {IPPROTO_IPIP: "ipip6", IPPROTO_IPV6: "ip6ip6", 0: "any"}
@@ -116,9 +118,9 @@ class Netlink:
             )
         return out
 
-    def wan_addresses(self, wan_index: int) -> list[WanAddress]:
+    def wan_addresses(self, wan_index: int, ipv6: list[AddrMsg] | None = None) -> list[WanAddress]:
         out = []
-        for a in self.reader.addresses(socket.AF_INET6):
+        for a in self.reader.addresses(socket.AF_INET6) if ipv6 is None else ipv6:
             if a.index != wan_index or a.scope != 0:  # global only
                 continue
             out.append(
@@ -134,9 +136,17 @@ class Netlink:
             )
         return out
 
-    def addresses(self, ifname: str, index: int, family: int) -> list[Address]:
+    def carriers(self, ipv4: list[AddrMsg]) -> set[str]:
+        """Interfaces that can carry IPv4 now: up and running, with an IPv4 address. ppp0 exists
+        but is down while pppd negotiates (LCP, auth, IPCP) and between its retries."""
+        with_ipv4 = {a.index for a in ipv4}
+        return {link.name for link in self.link_dump()
+                if link.flags & IFF_UP_RUNNING == IFF_UP_RUNNING and link.index in with_ipv4}  # fmt: skip
+
+    def addresses(self, ifname: str, index: int, family: int, dump: list[AddrMsg] | None = None) -> list[Address]:
         fam = socket.AF_INET if family == 4 else socket.AF_INET6
-        return [Address(ifname, a.address, a.prefixlen) for a in self.reader.addresses(fam) if a.index == index]
+        dump = self.reader.addresses(fam) if dump is None else dump
+        return [Address(ifname, a.address, a.prefixlen) for a in dump if a.index == index]
 
     def routes(self, foreign_tables: frozenset[int] = frozenset()) -> tuple[list[Route], list[Route]]:
         """Ours (protocol 203, every table) and, in `foreign_tables`, every other IPv4 route."""

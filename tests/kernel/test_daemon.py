@@ -10,6 +10,7 @@ import sys
 import time
 
 from tests.lab import traffic
+from tests.lab.daemon import Daemon
 from tests.lab.netns import call, popen, sh, spawn
 from tests.lab.topo import SERVER, wait_for
 
@@ -279,3 +280,29 @@ def test_churn_renumbering_flushes_and_reloads_never_send_wrong_traffic(lab, tmp
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(120)
     assert rc == 0, log_path.read_text()
+
+
+def test_ppp0_down_while_the_tunnel_is_deleted_is_repaired_at_once_without_an_error(lab, tmp_path):
+    """pppd's states are states: ppp0 present but down (as while pppd negotiates or between its
+    retries) leaves table 10 unreachable with no failing sync; a tunnel deleted meanwhile comes
+    back by its event, and no ERROR line is written. Before: the table-10 route via the down ppp0
+    failed with ENETDOWN, every sync failed and backed off, and the repair waited."""
+    d = Daemon(lab, tmp_path, CONFIG + '[lan]\ninterfaces = ["lan0"]\n[pppoe]\n').start()
+    try:
+        wait_for(d.synced_by_me, 120, "the first sync")
+        lab.start_pppoe()
+        wait_for(lab.ppp_up, 60, "ppp0")
+        via_ppp = lambda: f"dev {lab.ppp}" in sh(lab.ce, "ip", "route", "show", "table", "10")  # noqa: E731
+        wait_for(via_ppp, 30, "table 10 via ppp0")
+
+        sh(lab.ce, "ip", "link", "set", lab.ppp, "down")
+        sh(lab.ce, "ip", "link", "del", "ip6tnl1")
+        wait_for(lambda: d.logged("tunnel ip6tnl1 recreated with its addresses and routes: it was missing"), 30,
+                 "the tunnel back by its event")  # fmt: skip
+        d.wait_state("ok", True)
+        assert not via_ppp() and "unreachable default" in sh(lab.ce, "ip", "route", "show", "table", "10")
+        sh(lab.ce, "ip", "link", "set", lab.ppp, "up")  # IPCP done again: it carries traffic
+        wait_for(via_ppp, 30, "table 10 via ppp0 again")
+    finally:
+        assert d.stop() == 0, d.text()
+    assert "ERROR" not in d.text() and "Traceback" not in d.text(), d.text()
