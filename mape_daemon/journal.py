@@ -61,6 +61,8 @@ def notify(message: str) -> None:
 
 def status_line(result: SyncResult) -> str:
     p = result.params
+    if p is None and result.error is not None:
+        return f"error: {result.error} (retrying)"
     if p is None:
         return f"waiting: {result.selection.reason}"
     if result.selection.held:

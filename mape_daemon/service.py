@@ -4,9 +4,12 @@ The service ties together the concerns that live in their own modules: when to s
 what a sync does (`reconciler`), the event sources (`events`), SIGHUP's config (`reloads`), what
 the journal says (`journal`), miniupnpd (`upnp`) and the state file (`statefile`).
 
-- systemd hears READY=1 after the first successful sync (and after a reload's sync), STATUS=,
-  STOPPING=1, and WATCHDOG=1 only while the last sync attempt is recent: a sync wedged in a
-  kernel call stops the pings and systemd restarts us.
+- systemd hears READY=1 after the first sync attempt, whatever its outcome (and after a
+  reload's sync): "started" means the loop runs and converges. A first sync that keeps failing
+  (another program's device holds our tunnel's name, a slow ONU) shows in STATUS= and the journal
+  and is retried; waiting for a success instead let the start timeout stop the unit, tear down
+  what was made and restart it, every ~95 s. STOPPING=1, and WATCHDOG=1 only while the last sync
+  attempt is recent: a sync wedged in a kernel call stops the pings and systemd restarts us.
 - SIGTERM/SIGINT stop per `daemon.on_stop`; the exit status says whether the removal worked.
 """
 
@@ -134,11 +137,10 @@ class Service:
         if result.params is not None or result.error is None:  # not when the kernel could not be read
             await self._upnp(result, cause)
         self._write_status(result)
-        if result.ok and (not self.ready or reloaded is not None):
+        if not self.ready or reloaded is not None:
+            # Up and converging: a failure is logged, in STATUS= and retried (see the module doc).
             self.ready = True
             notify("READY=1")
-        elif reloaded is not None:
-            notify("READY=1")  # the reload itself is done; the sync's failure is logged and retried
         notify(f"STATUS={status_line(result)}")
         return result.ok
 

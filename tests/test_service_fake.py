@@ -242,3 +242,19 @@ def test_error_means_a_person_must_act_passing_races_are_retried_quietly(svc, ca
         assert not sync(svc, "event")
         assert [r.levelname for r in caplog.records if r.levelname != "INFO"] == ["ERROR"]
     assert isinstance(svc.last.error, ConflictError) and not isinstance(svc.last.error, RetryableError)
+
+
+def test_ready_follows_the_first_sync_attempt_even_when_it_fails(svc, monkeypatch):
+    """Before: READY=1 only after a successful sync, so a first sync that kept failing let
+    systemd's start timeout stop the unit, tear down what was made and restart it, in a loop."""
+    from mape_daemon import service
+
+    said: list[str] = []
+    monkeypatch.setattr(service, "notify", said.append)
+    svc.kernel.links["ip6tnl1"] = "gre"  # another program's device holds the tunnel's name
+    assert not sync(svc, "start")
+    assert "READY=1" in said and any(m.startswith("STATUS=") and "error:" in m for m in said), said
+    said.clear()
+    assert not sync(svc, "retry") and "READY=1" not in said  # once is enough
+    del svc.kernel.links["ip6tnl1"]
+    assert sync(svc, "retry") and any("tunnel up" in m for m in said)

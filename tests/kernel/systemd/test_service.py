@@ -136,3 +136,29 @@ def test_legacy_backend_and_pppoe_under_the_full_sandbox(package, tmp_path, requ
         finally:
             run("systemctl", "stop", "mape-daemon", check=False)
         assert show("ExecMainStatus") == "0" and "MAPE-" not in sh(lab.ce, "iptables-legacy-save")
+
+
+def test_a_first_sync_that_keeps_failing_is_not_a_start_timeout_restart_loop(package, tmp_path, request):
+    """Before: READY=1 waited for a successful sync, so a first sync that kept failing (here:
+    another device holds the tunnel's name) hit the start timeout: systemd stopped the unit (our
+    teardown ran), restarted it, and so on every ~95 s. Now the unit is up after the first
+    attempt, says the error in its status and retries until the obstacle goes."""
+    with running_lab(tmp_path, request) as lab:
+        ce = lab.ce_params()
+        lab.br_add_ce(ce)
+        sh(lab.ce, "ip", "link", "add", "ip6tnl1", "type", "veth", "peer", "name", "ip6tnl1p")
+        CONF.write_text(CONFIG)
+        use_namespace(lab.ce, "TimeoutStartSec=10\n")
+        try:
+            run("systemctl", "start", "mape-daemon")  # returns once the first attempt is done
+            assert active() == "active"
+            assert "exists and is veth" in show("StatusText"), show("StatusText")
+            # Failures at 0, 1, 3, 7, 15 s and on: the fifth is past the start timeout.
+            wait_for(lambda: journal().count("exists and is veth") >= 5, 120, "five failed attempts")
+            assert (active(), show("NRestarts")) == ("active", "0"), journal()
+            sh(lab.ce, "ip", "link", "del", "ip6tnl1")  # the obstacle goes: the next attempt maps
+            wait_for(lambda: "tunnel up" in show("StatusText"), 90, "the mapping")
+            assert call(lab.lan, traffic.tcp_sequential, SERVER, 1)[0].split()[0] == ce.ipv4
+        finally:
+            run("systemctl", "stop", "mape-daemon", check=False)
+            use_namespace(lab.ce)
