@@ -33,6 +33,7 @@ class Events:
         self.own_generation: int | None = None  # the nf_tables generation our last sync left
         self.firewalld: Any = None  # what firewalld says of the tunnel (kernel.firewalld.ZoneState)
         self.firewalld_said: str | None = None
+        self.firewalld_recheck = asyncio.Event()  # set after a periodic sync: look at the zone again
         # Test knob: a small netlink buffer, to force an overflow.
         self.rcvbuf = int(os.environ.get("MAPE_DEBUG_NETLINK_RCVBUF", NETLINK_RCVBUF))
 
@@ -51,10 +52,10 @@ class Events:
             "netlink": ("netlink", lambda up: watch.watch(lambda _e: self.runner.trigger("netlink"), up, self.rcvbuf)),
             "nftables": ("nftables", lambda up: nftevents.watch(self.on_nftables, up, self.rcvbuf)),
             "firewalld": ("firewalld", lambda up: firewalld.watch(self.runner.trigger, up, self.on_firewalld,
-                                                                  tunnel, zone)),
+                                                                  tunnel, zone, self.firewalld_recheck)),
         }  # fmt: skip
         bound = {name: loop.create_future() for name in sources}
-        tasks = [asyncio.create_task(self.supervise(name, cause, start, bound[name]))
+        tasks = [asyncio.create_task(self.supervise(name, cause, start, bound[name], needed=name == "netlink"))
                  for name, (cause, start) in sources.items()]  # fmt: skip
         try:
             await bound["netlink"]
@@ -71,18 +72,30 @@ class Events:
         return tasks
 
     async def supervise(
-        self, name: str, cause: str, start: Callable[[Callable[[], None]], Any], bound: asyncio.Future
+        self,
+        name: str,
+        cause: str,
+        start: Callable[[Callable[[], None]], Any],
+        bound: asyncio.Future,
+        needed: bool = True,
     ) -> None:
         """Run one event source for good: resubscribed at once after an overflow (events were
         lost, so a full sync runs), restarted with backoff if it dies. `bound` resolves once it is
-        subscribed, or fails with the reason it could not be."""
+        subscribed, or fails with the reason it could not be; a source that is not `needed` (the
+        periodic sync covers for it) keeps trying to subscribe after that, with backoff."""
         from .kernel import overflowed
 
         delay = 1.0
+        failed_to_start = False
 
         def subscribed() -> None:
+            nonlocal failed_to_start
             if not bound.done():
                 bound.set_result(True)
+            elif failed_to_start:
+                log.info("%s events: subscribed", name,
+                         extra={"MAPE_EVENT": "watcher", "MAPE_CAUSE": "event", "MAPE_TRIGGER": cause})  # fmt: skip
+            failed_to_start = False
 
         while True:
             try:
@@ -91,9 +104,16 @@ class Events:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                if not bound.done():
-                    bound.set_exception(e)
-                    return
+                if not bound.done() or failed_to_start:
+                    if not bound.done():
+                        bound.set_exception(e)  # start() says why, once
+                    if needed:
+                        return
+                    failed_to_start = True
+                    self.restarts += 1
+                    await asyncio.sleep(delay)
+                    delay = min(WATCHER_BACKOFF_MAX, delay * 2)
+                    continue
                 overflow = overflowed(e)
                 self.restarts += 1
                 extra = {"MAPE_EVENT": "watcher", "MAPE_CAUSE": "event", "MAPE_TRIGGER": cause}

@@ -124,6 +124,8 @@ class Service:
         self.syncs += 1
         result = await asyncio.to_thread(self.reconciler.sync)
         self.events.after_sync()
+        if cause == "periodic":
+            self.events.firewalld_recheck.set()  # a zone binding lost without a signal is made again
         self.last = result
         if result.plan:
             self.last_change_seconds = result.seconds

@@ -31,6 +31,9 @@ OWNER = MatchRule(type="signal", sender="org.freedesktop.DBus", interface="org.f
                   member="NameOwnerChanged", path="/org/freedesktop/DBus")  # fmt: skip
 OWNER.add_arg_condition(0, BUS_NAME)
 SETTLE = 2.0  # a restarted firewalld claims its name, then loads and applies its zones: look again after
+ALIVE_EVERY = 60.0  # with no signal for this long, ask the bus something: jeepney's signal queue
+ASK_TIMEOUT = 30.0  # never wakes on a dropped connection (only pending replies fail), so a dead
+# bus shows as an unanswered call, and the supervisor subscribes anew
 
 
 def bus_present() -> bool:
@@ -101,25 +104,39 @@ async def watch(
     checked: Callable[[ZoneState], None],
     tunnel: Callable[[], str],
     bind_to: Callable[[], str | None],
+    recheck: asyncio.Event | None = None,
+    alive_every: float = ALIVE_EVERY,
+    ask_timeout: float = ASK_TIMEOUT,
 ) -> None:
     """Until cancelled: trigger a sync on every firewalld reload or restart, and report firewalld's
-    view of the tunnel (at start and after each). Without a system bus, wait for one."""
+    view of the tunnel (at start, after each, and whenever `recheck` is set: the periodic sync
+    sets it, so a binding lost without a signal is made again). Without a system bus, wait for
+    one. Raises when the bus stops answering, for the supervisor to subscribe anew."""
     if not bus_present():
         bound()
         while not bus_present():
             await asyncio.sleep(60)
+    recheck = recheck or asyncio.Event()
     async with open_dbus_router(bus="SYSTEM") as router:
         bus = Proxy(message_bus, router)
-        await bus.AddMatch(RELOADED)
-        await bus.AddMatch(OWNER)
+        await asyncio.wait_for(bus.AddMatch(RELOADED), ask_timeout)
+        await asyncio.wait_for(bus.AddMatch(OWNER), ask_timeout)
         signals: asyncio.Queue = asyncio.Queue()
         with router.filter(RELOADED, queue=signals), router.filter(OWNER, queue=signals):
             bound()
-            checked(await inspect(router, tunnel(), bind_to()))
+            checked(await asyncio.wait_for(inspect(router, tunnel(), bind_to()), ask_timeout))
             while True:
-                msg = await signals.get()
-                trigger("firewalld")
-                if msg.header.fields.get(HeaderFields.member) == "NameOwnerChanged":
-                    await asyncio.sleep(SETTLE)
+                got, asked = asyncio.ensure_future(signals.get()), asyncio.ensure_future(recheck.wait())
+                done, _ = await asyncio.wait({got, asked}, timeout=alive_every, return_when=asyncio.FIRST_COMPLETED)
+                got.cancel()
+                asked.cancel()
+                recheck.clear()
+                if got in done:
                     trigger("firewalld")
-                checked(await inspect(router, tunnel(), bind_to()))
+                    if got.result().header.fields.get(HeaderFields.member) == "NameOwnerChanged":
+                        await asyncio.sleep(SETTLE)
+                        trigger("firewalld")
+                elif not done:  # quiet for a while: is the bus still there?
+                    await asyncio.wait_for(_call(router, message_bus, "GetId"), ask_timeout)
+                    continue
+                checked(await asyncio.wait_for(inspect(router, tunnel(), bind_to()), ask_timeout))
