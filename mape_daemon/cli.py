@@ -302,7 +302,27 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"mape-daemon cleanup: {e}; removing what the record in {state_dir()} lists", file=sys.stderr)
         config = None
-    return _apply(args, config, teardown=True)
+    code = _apply(args, config, teardown=True)
+    if code == 0:
+        code = _cleanup_upnp(config)
+    return code
+
+
+def _cleanup_upnp(config: Config | None) -> int:
+    """Our miniupnpd file goes too, and the restart stops miniupnpd: it must not keep granting
+    ports of a mapping that is gone. Without a usable config, the default file is looked for."""
+    from . import upnp
+    from .config import UpnpConfig
+
+    settings = config.upnp if config is not None else UpnpConfig()
+    try:
+        said = upnp.Miniupnpd().remove(settings, "mape-daemon cleanup")
+    except (upnp.UpnpError, OSError) as e:
+        print(f"mape-daemon cleanup: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    if said:
+        print(said)
+    return 0
 
 
 EXAMPLES = {

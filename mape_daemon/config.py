@@ -227,8 +227,13 @@ class UpnpConfig(Model):
     enabled: bool = False
     base: Path = Field(default=Path("/etc/miniupnpd/miniupnpd.conf"), description="your miniupnpd settings")
     file: Path = Field(default=Path("/run/mape-daemon/miniupnpd.conf"), description="what miniupnpd reads (-f)")
-    # --no-block: miniupnpd.service starts After= us, so a waiting restart would wait on our own start.
+    # --no-block: miniupnpd.service starts After= us, so a waiting start would wait on our own start.
+    # start: when the file first appears (at boot miniupnpd was skipped for want of it); restart:
+    # on every change after (try-restart: never starts a miniupnpd you stopped); check: whether it
+    # runs, asked 10 s after either.
+    start: str = Field(default="systemctl --no-block start miniupnpd.service", min_length=1)
     restart: str = Field(default="systemctl --no-block try-restart miniupnpd.service", min_length=1)
+    check: str = Field(default="systemctl is-active --quiet miniupnpd.service", min_length=1)
 
     @field_validator("base", "file")
     @classmethod
@@ -237,7 +242,7 @@ class UpnpConfig(Model):
             raise ValueError(f"{str(v)!r} is not an absolute path")
         return v
 
-    @field_validator("restart")
+    @field_validator("start", "restart", "check")
     @classmethod
     def _command(cls, v: str) -> str:
         try:

@@ -159,6 +159,8 @@ class Service:
         self.upnp_problem = None
         if said:
             log.info("%s", said, extra=fields(result, "upnp", cause))
+            if not stopping:
+                self.runner.wake_in(upnp.CHECK_AFTER, "retry")  # is it running? (upnp.check)
 
     def _firewalld_changed(self) -> None:
         if self.last is not None:

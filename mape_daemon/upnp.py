@@ -8,11 +8,20 @@ only narrow what ours leave). A console asking for a port outside the set gets U
 an IGDv2 AddAnyPortMapping gets a port inside it. Whenever the file changes, or the tunnel is
 recreated (miniupnpd's rules name the interface by index), miniupnpd is restarted. Without a
 mapping the file refuses every request, and miniupnpd keeps running to be restarted on its return.
+
+miniupnpd is *started* (upnp.start) when the file first appears: at boot it was skipped for want
+of the file (the drop-in's ConditionPathExists), and a restart would not start it when the prefix
+comes late (an ONU slower than the router after a power cut). CHECK_AFTER seconds after a start
+or restart, upnp.check says whether it runs: one that failed is said (and shown by `status`) and
+started again at the next try. `mape-daemon cleanup` removes the file and restarts miniupnpd,
+which then does not come back (nothing stale is granted).
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import desired
@@ -29,6 +38,7 @@ TABLE_KEYS = ("upnp_table_name", "upnp_nat_table_name")
 TABLE = "miniupnpd"
 ANY = "0.0.0.0/0 0-65535"  # any LAN host, any internal port
 RESTART_TIMEOUT = 60.0
+CHECK_AFTER = 10.0  # seconds after a start or restart (--no-block) before upnp.check asks
 CLOSED = f"# No MAP-E mapping now (no prefix, or mape-daemon stopped): every request is refused.\ndeny 0-65535 {ANY}\n"
 
 
@@ -72,18 +82,22 @@ def render(base_text: str, base_path: Path, params: MapParams, cfg: Config) -> s
 
 
 class Miniupnpd:
-    """The file we write and the restart that makes miniupnpd read it; one per daemon."""
+    """The file we write and the start or restart that makes miniupnpd read it; one per daemon."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.done: tuple[str, int] | None = None  # (file text, tunnel ifindex) miniupnpd was restarted on
         self.offering: str | None = None  # the MAP IPv4 miniupnpd grants ports of, once restarted on it
+        self.clock = clock
+        self.check_at: float | None = None  # when upnp.check is due after the last start or restart
+        self.start_next = False  # the last check found it not running: start it, not restart
 
     def update(self, cfg: Config, params: MapParams | None) -> str | None:
         """Bring miniupnpd in step; returns what changed, for the journal, or None. UpnpError if
         it could not: nothing is remembered then, so the next sync tries again."""
         settings = cfg.upnp
         if not settings.enabled:
-            return self._remove(settings)
+            return self._remove(settings, "upnp.enabled is false")
+        self._check(settings)
         if params is None:
             text, index = _closed(settings.file), 0
             if text is None:
@@ -99,28 +113,47 @@ class Miniupnpd:
             self.done, self.offering = key, offering  # our predecessor restarted miniupnpd on just this
         if key == self.done:
             return None
+        # Skipped at boot for want of the file, found not running, or its start failed: start it.
+        self.start_next |= not settings.file.exists()
         _write(settings.file, text)
         before, self.done, self.offering = self.done, None, None  # unknown until the restart worked
-        _restart(settings)
+        ran = _run(settings, "start" if self.start_next else "restart")
+        self.start_next, self.check_at = False, self.clock() + CHECK_AFTER
         _write(_applied(settings.file), _stamp(key))
         self.done, self.offering = key, offering
         if params is None:
-            return f"miniupnpd refuses every request now (no MAP-E mapping); ran: {settings.restart}"
+            return f"miniupnpd refuses every request now (no MAP-E mapping); ran: {ran}"
         if before is None:
-            return f"miniupnpd config written to {settings.file} ({params.ipv4}); ran: {settings.restart}"
+            return f"miniupnpd config written to {settings.file} ({params.ipv4}); ran: {ran}"
         why = "the tunnel was recreated" if before[0] == text else "its config changed"
-        return f"miniupnpd restarted, {why} ({params.ipv4}): {settings.restart}"
+        return f"miniupnpd restarted, {why} ({params.ipv4}): {ran}"
 
-    def _remove(self, settings: UpnpConfig) -> str | None:
-        """UPnP turned off: without its file miniupnpd does not come back (the drop-in's
-        ConditionPathExists), so the restart stops it."""
+    def _check(self, settings: UpnpConfig) -> None:
+        """After a start or restart, once CHECK_AFTER has passed: is miniupnpd running?"""
+        if self.check_at is None or self.clock() < self.check_at:
+            return
+        self.check_at = None
+        try:
+            commands.run(settings.check, RESTART_TIMEOUT)
+        except commands.CommandFailed as e:
+            self.done, self.offering, self.start_next = None, None, True  # start it again next time
+            _applied(settings.file).unlink(missing_ok=True)  # and let no restarted daemon take it as running
+            raise UpnpError(f"miniupnpd is not running after its start or restart (upnp.check {e}): see "
+                            "`systemctl status miniupnpd` and `journalctl -u miniupnpd`") from None  # fmt: skip
+
+    def remove(self, settings: UpnpConfig, why: str) -> str | None:
+        """Our file goes, and the restart stops miniupnpd (the drop-in's ConditionPathExists keeps it
+        down): nothing of a mapping that is gone stays granted."""
+        return self._remove(settings, why)
+
+    def _remove(self, settings: UpnpConfig, why: str) -> str | None:
         if not settings.file.exists():
             return None
         settings.file.unlink(missing_ok=True)
         _applied(settings.file).unlink(missing_ok=True)
-        _restart(settings)
-        self.done = self.offering = None
-        return f"miniupnpd config {settings.file} removed (upnp.enabled is false); ran: {settings.restart}"
+        ran = _run(settings, "restart")
+        self.done = self.offering = self.check_at = None
+        return f"miniupnpd config {settings.file} removed ({why}); ran: {ran}"
 
 
 def _closed(path: Path) -> str | None:
@@ -160,8 +193,11 @@ def _write(path: Path, text: str) -> None:
         raise UpnpError(f"cannot write upnp.file {path}: {e.strerror or e}") from None
 
 
-def _restart(settings: UpnpConfig) -> None:
+def _run(settings: UpnpConfig, which: str) -> str:
+    """upnp.start or upnp.restart; returns the command line run."""
+    command = settings.start if which == "start" else settings.restart
     try:
-        commands.run(settings.restart, RESTART_TIMEOUT)
+        commands.run(command, RESTART_TIMEOUT)
     except commands.CommandFailed as e:
-        raise UpnpError(f"upnp.restart {e}") from None
+        raise UpnpError(f"upnp.{which} {e}") from None
+    return command

@@ -33,11 +33,18 @@ deny 0-65535 0.0.0.0/0 0-65535
 """
 
 
-def config(tmp_path, extra: str = "", restart: str | None = None) -> str:
+def config(tmp_path, extra: str = "", restart: str | None = None, start: str | None = None, check: str = "true") -> str:
     (tmp_path / "base.conf").write_text(USER_CONF)
     restart = restart or f"sh -c 'echo restarted >> {tmp_path / 'restarts'}'"
+    start = start or restart.replace("restarted", "started")
     return (f'[wan]\ninterface = "wan0"\n[upnp]\nenabled = true\nbase = "{tmp_path / "base.conf"}"\n'
-            f'file = "{tmp_path / "run" / "miniupnpd.conf"}"\nrestart = "{restart}"\n{extra}')  # fmt: skip
+            f'file = "{tmp_path / "run" / "miniupnpd.conf"}"\nrestart = "{restart}"\nstart = "{start}"\n'
+            f'check = "{check}"\n{extra}')  # fmt: skip
+
+
+def ran(log) -> int:
+    """How many starts and restarts the commands logged."""
+    return len(log.read_text().splitlines())
 
 
 def verdict(conf: str, port: int, host: str = "192.168.1.10", iport: int = 8080) -> str:
@@ -91,16 +98,16 @@ def test_the_file_is_written_and_miniupnpd_restarted_only_when_something_changed
     conf = tmp_path / "run" / "miniupnpd.conf"
     assert "ext_ip=153.240.72.209" in conf.read_text() and conf.stat().st_mode & 0o777 == 0o644
     assert m.update(cfg, OCN) is None
-    assert restarts.read_text().count("restarted") == 1
+    assert restarts.read_text() == "started\n"  # the file is new: miniupnpd was skipped for want of it
     successor = upnp.Miniupnpd()  # the daemon restarted (a crash, the watchdog): the same file and tunnel
     assert successor.update(cfg, OCN) is None and successor.offering == "153.240.72.209"
-    assert restarts.read_text().count("restarted") == 1  # nobody loses their mappings
+    assert ran(restarts) == 1  # nobody loses their mappings
     (tmp_path / "run" / "miniupnpd.conf.applied").unlink()  # as if it died between the write and the restart
-    assert upnp.Miniupnpd().update(cfg, OCN) is not None and restarts.read_text().count("restarted") == 2
+    assert upnp.Miniupnpd().update(cfg, OCN) is not None and ran(restarts) == 2
 
     said = m.update(cfg, MOVED)
     assert said == f"miniupnpd restarted, its config changed ({MOVED.ipv4}): {cfg.upnp.restart}"
-    assert f"ext_ip={MOVED.ipv4}" in conf.read_text() and restarts.read_text().count("restarted") == 3
+    assert f"ext_ip={MOVED.ipv4}" in conf.read_text() and ran(restarts) == 3
     with_forward = parse(config(tmp_path, FORWARD.replace("25952", str(MOVED.port_ranges[3][0]))))
     assert m.update(with_forward, MOVED) is not None  # a port left the pool
 
@@ -112,14 +119,14 @@ def test_the_file_is_written_and_miniupnpd_restarted_only_when_something_changed
     assert said == f"miniupnpd refuses every request now (no MAP-E mapping); ran: {cfg.upnp.restart}"
     assert conf.read_text().startswith(upnp.CLOSED) and m.offering is None
     assert verdict(conf.read_text(), MOVED.port_ranges[0][0]) == "deny"  # a port of the set, refused
-    assert m.update(with_forward, None) is None and restarts.read_text().count("restarted") == 6
+    assert m.update(with_forward, None) is None and ran(restarts) == 6
     assert m.update(with_forward, MOVED) is not None  # back: in step again
     assert not conf.read_text().startswith(upnp.CLOSED) and m.offering == str(MOVED.ipv4)
 
     off = parse(config(tmp_path, FORWARD).replace("enabled = true", "enabled = false"))
     assert m.update(off, None) == f"miniupnpd config {conf} removed (upnp.enabled is false); ran: {off.upnp.restart}"
     assert not conf.exists() and not (tmp_path / "run" / "miniupnpd.conf.applied").exists()
-    assert restarts.read_text().count("restarted") == 8
+    assert ran(restarts) == 8
     assert m.update(off, None) is None
     assert upnp.Miniupnpd().update(cfg, None) is None  # never written: nothing to close
 
@@ -127,7 +134,7 @@ def test_the_file_is_written_and_miniupnpd_restarted_only_when_something_changed
 def test_a_failing_restart_or_a_missing_base_is_an_error_and_is_tried_again(tmp_path):
     cfg = parse(config(tmp_path, restart="sh -c 'echo no such unit >&2; exit 5'"))
     m = upnp.Miniupnpd()
-    with pytest.raises(upnp.UpnpError, match=re.escape("upnp.restart `sh -c 'echo no such unit >&2; exit 5'` "
+    with pytest.raises(upnp.UpnpError, match=re.escape("upnp.start `sh -c 'echo no such unit >&2; exit 5'` "
                                                        "exited 5: no such unit")):  # fmt: skip
         m.update(cfg, OCN)
     with pytest.raises(upnp.UpnpError):  # nothing remembered: tried again
@@ -162,10 +169,10 @@ def test_the_service_keeps_miniupnpd_in_step_and_says_a_failure_once(tmp_path, c
         assert asyncio.run(s.sync_once("start"))
         assert asyncio.run(s.sync_once("event"))
     failed = [r for r in caplog.records if getattr(r, "MAPE_EVENT", "") == "upnp"]
-    assert len(failed) == 1 and failed[0].getMessage() == "upnp.restart `false` exited 1 (retrying)"
+    assert len(failed) == 1 and failed[0].getMessage() == "upnp.start `false` exited 1 (retrying)"
     assert s.runner.schedule.wake_at - s.runner.clock() == pytest.approx(60, abs=5)  # retried in a minute
     state = json.loads((tmp_path / "state" / "state.json").read_text())
-    assert state["upnp"]["problem"] == "upnp.restart `false` exited 1"
+    assert state["upnp"]["problem"] == "upnp.start `false` exited 1"
 
     path.write_text(config(tmp_path))
     s.reload()
@@ -174,9 +181,42 @@ def test_the_service_keeps_miniupnpd_in_step_and_says_a_failure_once(tmp_path, c
         assert asyncio.run(s.sync_once("reload"))
     said = [r.getMessage() for r in caplog.records if getattr(r, "MAPE_EVENT", "") == "upnp"]
     assert said == [f"miniupnpd config written to {tmp_path / 'run' / 'miniupnpd.conf'} (153.240.72.209); ran: "
-                    f"{s.config.upnp.restart}"]  # fmt: skip
+                    f"{s.config.upnp.start}"]  # fmt: skip
     state = json.loads((tmp_path / "state" / "state.json").read_text())
     conf = tmp_path / "run" / "miniupnpd.conf"
     assert state["upnp"] == {"file": str(conf), "offering": "153.240.72.209", "problem": None}
     assert asyncio.run(s.stop()) == 0
     assert conf.read_text().startswith(upnp.CLOSED)  # the mapping gone with the tunnel: nothing granted
+
+
+def test_miniupnpd_is_started_when_the_first_mapping_comes_late_and_a_failed_start_is_noticed(tmp_path):
+    """Before: at boot without a prefix no file was written, systemd skipped miniupnpd (the drop-in's
+    ConditionPathExists), and the try-restart that followed the late prefix never started it: UPnP
+    stayed off after a power cut with a slow ONU. A miniupnpd that failed to start went unnoticed."""
+    now = [0.0]
+    m, log = upnp.Miniupnpd(clock=lambda: now[0]), tmp_path / "restarts"
+    cfg = parse(config(tmp_path, check=f"sh -c 'grep -q running {tmp_path / 'state'}'"))
+    assert m.update(cfg, None) is None and not (tmp_path / "run" / "miniupnpd.conf").exists()  # boot, no prefix
+    assert m.update(cfg, OCN).endswith(f"ran: {cfg.upnp.start}") and log.read_text() == "started\n"
+    now[0] += upnp.CHECK_AFTER
+    with pytest.raises(upnp.UpnpError, match="miniupnpd is not running after its start or restart"):
+        m.update(cfg, OCN)  # it failed to start: said (and shown by status) ...
+    (tmp_path / "state").write_text("running\n")
+    assert m.update(cfg, OCN).endswith(f"ran: {cfg.upnp.start}")  # ... and started again at the next try
+    now[0] += upnp.CHECK_AFTER
+    assert m.update(cfg, OCN) is None and log.read_text() == "started\nstarted\n"
+    assert m.update(cfg, MOVED).endswith(f": {cfg.upnp.restart}")  # running: later changes restart it
+
+
+def test_cleanup_removes_our_miniupnpd_file_and_stops_miniupnpd(tmp_path, monkeypatch, capsys):
+    """Before: `mape-daemon cleanup` left the file granting ports of a mapping that is gone."""
+    from mape_daemon import cli
+
+    path = tmp_path / "mape.toml"
+    path.write_text(config(tmp_path))
+    upnp.Miniupnpd().update(parse(path.read_text()), OCN)
+    monkeypatch.setattr(cli, "_apply", lambda args, config, teardown: 0)  # the kernel part: tested elsewhere
+    assert cli.main(["cleanup", "-c", str(path)]) == 0
+    assert not (tmp_path / "run" / "miniupnpd.conf").exists()
+    assert (tmp_path / "restarts").read_text() == "started\nrestarted\n"  # the restart finds no file: it stays down
+    assert "removed (mape-daemon cleanup)" in capsys.readouterr().out

@@ -122,10 +122,41 @@ def test_upnp_grants_only_ports_of_the_set_and_follows_a_renumbering(package, tm
             wait_for(lambda: mappings(lab) == [], 60, "miniupnpd back, its mappings gone")
             out = upnpc(lab, "-r", str(APP), str(sorted(moved.ports())[9]), "tcp")
             assert active("miniupnpd") == "active" and "606" in out, out
-            run("systemctl", "start", "mape-daemon")  # back: try-restart finds miniupnpd running
+            run("systemctl", "start", "mape-daemon")  # back: the restart finds miniupnpd running
             wait_for(lambda: granted(upnpc(lab, "-r", str(APP), str(new), "tcp"), moved.ipv4) == new, 60, "UPnP back")
         finally:
             run("systemctl", "stop", "mape-daemon", "miniupnpd", check=False)
             shutil.rmtree(DROPIN)
             run("systemctl", "daemon-reload")
         assert "inet miniupnpd" not in sh(lab.ce, "nft", "list", "tables")
+
+
+def test_after_a_power_cut_with_a_slow_onu_miniupnpd_starts_with_the_first_mapping(package, tmp_path, request):
+    """Before: booted without a prefix, mape-daemon wrote no file, systemd skipped miniupnpd for want
+    of it, and when the prefix came the try-restart started nothing: UPnP stayed off."""
+    with running_lab(tmp_path, request) as lab:
+        ce = lab.ce_params()
+        chain = lab.br_add_ce(ce)
+        lab.pids.append(spawn(lab.lan, traffic.serve, str(tmp_path / "app.jsonl"), "0.0.0.0", APP))
+        sh(lab.ce, "ip", "link", "set", lab.wan, "down")  # the ONU is not up yet: no prefix
+        CONF.write_text(CONFIG + f'[lan]\ninterfaces = ["{lab.lan_if}"]\n[upnp]\nenabled = true\n')
+        use_namespace(lab.ce)
+        miniupnpd_beside_us(lab.ce, lab.lan_if)
+        try:
+            run("systemctl", "start", "mape-daemon")
+            assert "waiting: no global IPv6 address" in run("systemctl", "show", "-p", "StatusText", "mape-daemon")
+            run("systemctl", "start", "miniupnpd")  # what boot does: skipped, the file is not there
+            assert active("miniupnpd") == "inactive"
+            sh(lab.ce, "ip", "link", "set", lab.wan, "up")  # the ONU comes up: the prefix arrives
+            wait_for(lambda: "miniupnpd config written" in journal(), 120, "the first mapping's file")
+            assert "ran: systemctl --no-block start miniupnpd.service" in journal()
+            wait_for(lambda: active("miniupnpd") == "active", 60, "miniupnpd started")
+            port = sorted(ce.ports())[5]
+            out = upnpc(lab, "-r", str(APP), str(port), "tcp", discover=True)
+            assert granted(out, ce.ipv4) == port, out
+            assert not reach(lab, ce.ipv4, port).startswith("error")
+            assert lab.br_dropped(chain) == 0
+        finally:
+            run("systemctl", "stop", "mape-daemon", "miniupnpd", check=False)
+            shutil.rmtree(DROPIN)
+            run("systemctl", "daemon-reload")
