@@ -14,9 +14,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .record import Record
-from .state import Address, Chain, Jump, Route, RoutingRule, Tunnel
+from .state import Address, Chain, EgressGuard, Jump, Route, RoutingRule, Tunnel
 
-NetObject = Tunnel | Address | Route | RoutingRule
+NetObject = Tunnel | Address | Route | RoutingRule | EgressGuard
 NFT_TABLE = "ip mape"  # our nftables table (family and name), as the journal and `plan` name it
 WHY_WORDS = {"missing": "it was missing", "empty": "the chain was empty", "rules differed": "its rules differed",
              "differed": "it differed", "strict": "it was strict"}  # fmt: skip
@@ -64,7 +64,7 @@ class ActionBase:
 
 @dataclass(frozen=True)
 class NetAction(ActionBase):
-    op: str  # "add", "del", or "set" (a tunnel's MTU and up state, in place)
+    op: str  # "add" (for an egress guard: put in place, replacing), "del", or "set" (a tunnel's MTU, up state)
     obj: NetObject
     why: str = ""
 
@@ -88,7 +88,7 @@ class NetAction(ActionBase):
             return [f"{title} recreated with its addresses and routes: {why_words(self.why)}"]
         if obj.device in w.recreated:
             return []  # they come back with the tunnel: its line says so
-        return [f"{title} {w.restored}: {why_words(self.why)}"]
+        return [f"{title} {'updated' if self.why == 'differed' else w.restored}: {why_words(self.why)}"]
 
     def tally(self) -> list[tuple[str, int]]:
         return [] if self.op == "del" else [(self.obj.noun, 1)]

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from . import firewall, forwards
+from . import egress, firewall, forwards
 from .config import Config
 from .mapcalc import MapParams, without
-from .state import MAIN_TABLE, NOTHING, Address, Route, RoutingRule, State, Tunnel
+from .state import MAIN_TABLE, NOTHING, Address, EgressGuard, Route, RoutingRule, State, Tunnel
 
 # PPPoE-only traffic finds this when ppp0 is absent: it fails closed instead of leaving by MAP-E.
 UNREACHABLE_METRIC = 2**32 - 1
@@ -72,6 +72,9 @@ def build(config: Config, params: MapParams | None, links: Collection[str] = (),
             if ppp.rp_filter == "loose":
                 loose_rp.add(ppp.interface)
         routes.add(Route("default", "", ppp.table, UNREACHABLE_METRIC, kind="unreachable"))
+    guards = set()
+    if config.firewall.guard:  # the nftables guard, and the one no firewall manager reaches
+        guards.add(EgressGuard(t.name, egress.bytecode(egress.program(params, config.snat.protocols))))
     nf = netfilter(config, params, native)
     return State(
         tunnels=frozenset({tunnel}),
@@ -79,6 +82,7 @@ def build(config: Config, params: MapParams | None, links: Collection[str] = (),
         routes=frozenset(routes),
         rules=frozenset(rules),
         loose_rp=frozenset(loose_rp),
+        guards=frozenset(guards),
         chains=frozenset(nf.chains),
         jumps=nf.jumps,
         nft=nf.nft,

@@ -85,6 +85,13 @@ def diff(desired: State, have: State, rp_originals: Mapping[str, str] | None = N
     if desired.nft != have.nft:
         why = "no longer wanted" if desired.nft is None else "missing" if have.nft is None else "differed"
         actions.append(NftChange(desired.nft, why, desired.nft_words))
+    # The egress guard: put in place (replacing: never a moment without one) or removed; it goes
+    # with its tunnel, and is back with it.
+    have_guards = {g.ifname: g for g in have.guards if g.ifname not in gone}
+    want_guards = {g.ifname: g for g in desired.guards}
+    actions += [NetAction("del", g, "no longer wanted") for n, g in sorted(have_guards.items()) if n not in want_guards]
+    actions += [NetAction("add", g, "differed" if n in have_guards else "missing")
+                for n, g in sorted(want_guards.items()) if have_guards.get(n) != g]  # fmt: skip
 
     actions += [NetAction("add", r, "missing") for r in sorted(desired.routes - have_routes)]
     actions += [NetAction("add", r, "missing") for r in sorted(desired.rules - have.rules)]

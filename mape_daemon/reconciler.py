@@ -148,8 +148,10 @@ class Reconciler:
         # Loose (or off) already counts as present; ours to give back only while it is still our 2.
         effective = {i: max(v, obs.rp_filter.get("all", 0)) for i, v in obs.rp_filter.items() if i != "all"}
         loose = {i for i, v in effective.items() if v != 1 and (i not in rec.rp_filter or obs.rp_filter[i] == 2)}
+        guards = {g for g in obs.guards if g.ifname in names}
         return State(tunnels=frozenset(tunnels), addresses=frozenset(addresses), routes=obs.routes, rules=obs.rules,
-                     loose_rp=frozenset(loose), chains=obs.chains, jumps=obs.jumps, nft=obs.nft)  # fmt: skip
+                     loose_rp=frozenset(loose), guards=frozenset(guards), chains=obs.chains, jumps=obs.jumps,
+                     nft=obs.nft)  # fmt: skip
 
     def compute(self, teardown: bool = False) -> Computed:
         cfg, rec = self.config, self.record

@@ -149,6 +149,28 @@ class RoutingRule:
 
 
 @dataclass(frozen=True, order=True)
+class EgressGuard:
+    """Our classic BPF program on the tunnel's tc egress hook (egress.py): the last word on what
+    may leave by MAP-E, out of reach of every firewall manager's flush."""
+
+    ifname: str
+    program: str  # tc's text for it: "N,code jt jf k,..."
+
+    category = "egressguard"
+    noun = "egress guard"
+
+    @property
+    def device(self) -> str:
+        return self.ifname
+
+    def title(self) -> str:
+        return f"egress guard on {self.ifname} (the MAP IPv4, ports and ICMP ids of the set only)"
+
+    def describe(self) -> str:
+        return f"tc egress guard dev {self.ifname} ({self.program.partition(',')[0]} BPF instructions)"
+
+
+@dataclass(frozen=True, order=True)
 class Chain:
     """An iptables chain we own, with its rules in iptables-save form (without `-A NAME`)."""
 
@@ -174,6 +196,7 @@ class State:
     routes: frozenset[Route] = frozenset()
     rules: frozenset[RoutingRule] = frozenset()
     loose_rp: frozenset[str] = frozenset()  # interfaces whose reverse-path filter must not be strict
+    guards: frozenset[EgressGuard] = frozenset()
     chains: frozenset[Chain] = frozenset()
     jumps: tuple[Jump, ...] = field(default=())  # observed ones may repeat; the plan removes extras
     nft: str | None = None  # our nftables table `ip mape`, as a script
@@ -223,6 +246,7 @@ class Observed:
     rules: frozenset[RoutingRule]  # ours (protocol 203)
     foreign_rules: frozenset[RoutingRule]  # others' fwmark rules
     rp_filter: dict[str, int]  # effective reverse-path filter of the asked interfaces
+    guards: frozenset[EgressGuard]  # egress guards on the asked tunnels
     chains: frozenset[Chain]
     jumps: tuple[Jump, ...]
     nft: str | None  # our nftables table as nft lists it

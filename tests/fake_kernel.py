@@ -19,6 +19,7 @@ from mape_daemon.state import (
     RT_PROTO,
     Address,
     Chain,
+    EgressGuard,
     Jump,
     Observed,
     Query,
@@ -47,6 +48,7 @@ class FakeKernel:
         self.iptables = FakeChains()
         self.chains, self.builtin = self.iptables.chains, self.iptables.builtin
         self.nft: str | None = None
+        self.guards: dict[str, EgressGuard] = {}  # tc egress guards by tunnel
         self.cleanups: list[ConntrackCleanup] = []
         self.conntrack_deleted = 0
         self.writes = 0
@@ -94,7 +96,7 @@ class FakeKernel:
         return (
             sorted(self.links.items()), sorted(self.wan_addrs, key=str), sorted(self.ce_addrs),
             sorted(self.tunnels.items()), sorted(self.addresses), sorted(self.routes.items()),
-            sorted(self.rules.items()), sorted(self.rp_filter.items()), self.nft, *tables,
+            sorted(self.rules.items()), sorted(self.rp_filter.items()), self.nft, sorted(self.guards.items()), *tables,
         )  # fmt: skip
 
     # --- the port ---------------------------------------------------------------------------
@@ -124,6 +126,7 @@ class FakeKernel:
             foreign_routes=frozenset(r for r, p in self.routes.items() if p != RT_PROTO and r.table in q.route_tables),
             rules=frozenset(r for r, p in self.rules.items() if p == RT_PROTO),
             foreign_rules=frozenset(r for r, p in self.rules.items() if p != RT_PROTO),
+            guards=frozenset(g for n, g in self.guards.items() if n in q.tunnels and n in self.tunnels),
             rp_filter={"all": self.rp_filter["all"]}
             | {i: self.rp_filter.get(i, 1) for i in q.rp_filter if i in self.links},
             chains=chains,
@@ -145,7 +148,8 @@ class FakeKernel:
         self.writes += 1
         handlers = {"conntrack": self.cleanups.append, "firewall": self._firewall, "nft": self._nft,
                     "rp_filter": self._rp_filter, "tunnel": self._tunnel, "address": self._address,
-                    "route": self._route, "routingrule": self._routingrule}  # fmt: skip
+                    "route": self._route, "routingrule": self._routingrule,
+                    "egressguard": self._egressguard}  # fmt: skip
         handlers[action.kind](action)
 
     def committed_by_child(self, pid: int) -> bool:
@@ -189,6 +193,15 @@ class FakeKernel:
             del self.links[obj.name]
             self.addresses = {a for a in self.addresses if a.ifname != obj.name}
             self.routes = {r: p for r, p in self.routes.items() if r.dev != obj.name}
+
+    def _egressguard(self, action: NetAction) -> None:
+        obj = action.obj
+        assert isinstance(obj, EgressGuard)
+        if action.op == "add":
+            self._need_link(obj.ifname)
+            self.guards[obj.ifname] = obj
+        else:
+            self.guards.pop(obj.ifname, None)
 
     def _address(self, action: NetAction) -> None:
         obj, op = action.obj, action.op

@@ -67,13 +67,14 @@ def check_converge_then_noop(world: World, cfg: Config) -> None:
 
 
 DRIFT = {
-    "tunnel-deleted": {"tunnel", "address", "route"},
-    "tunnel-remote-changed": {"tunnel", "address", "route"},
+    "tunnel-deleted": {"tunnel", "address", "route", "egressguard"},  # the guard goes with the device
+    "tunnel-remote-changed": {"tunnel", "address", "route", "egressguard"},
     "tunnel-down": {"tunnel", "route"},
     "snat-flushed": {"nat", "conntrackcleanup"},
     "guard-deleted": {"nft", "conntrackcleanup"},
     "fwmark-rule-deleted": {"routingrule"},
     "ce-address-deleted": {"address"},
+    "egress-guard-deleted": {"egressguard"},  # its clsact qdisc deleted (tc qdisc del): the filter with it
 }
 
 

@@ -46,6 +46,8 @@ class FakeWorld:
             k.rules.pop(next(r for r in k.rules if r.table == 10))
         elif what == "ce-address-deleted":
             k.ce_addrs.discard(("wan0", CE))
+        elif what == "egress-guard-deleted":
+            del k.guards["ip6tnl1"]
 
     def add_foreign(self) -> None:
         k = self.kernel

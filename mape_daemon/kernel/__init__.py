@@ -28,7 +28,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from ..actions import Action, ConntrackCleanup, FirewallChange, NetAction
 from ..errors import RetryableError
 from ..state import Address, Chain, Jump, Observed, Query, State, Tunnel
-from . import conntrack
+from . import conntrack, tc
 from .netlink import Netlink
 from .nftables import NftTable
 from .nftevents import current_generation
@@ -94,6 +94,7 @@ class LinuxKernel:
             "address": lambda a: self.nl.address(a.op, a.obj),
             "route": lambda a: self.nl.route(a.op, a.obj),
             "routingrule": lambda a: self.nl.rule(a.op, a.obj),
+            "egressguard": self._egress_guard,
             "rp_filter": lambda a: self.nl.set_rp_filter(a.ifname, a.value),
             "firewall": self._firewall,
             "nft": lambda a: self.nft.replace(a.script),
@@ -144,9 +145,12 @@ class LinuxKernel:
         for ifname, address in q.addresses:
             if ifname in links:
                 addresses |= {a for a in nl.addresses(ifname, links[ifname][0], 6, ipv6) if a.address == address}
+        guards = set()
         for name in q.tunnels:
             if name in tunnels:
                 addresses |= set(nl.addresses(name, links[name][0], 4, ipv4))
+                if (guard := tc.observe(nl.reader, name, links[name][0])) is not None:
+                    guards.add(guard)
         routes, foreign_routes = nl.routes(q.route_tables)
         rules, foreign_rules = nl.rules()
         chains, jumps, nft = self._netfilter()
@@ -161,6 +165,7 @@ class LinuxKernel:
             rules=frozenset(rules),
             foreign_rules=frozenset(foreign_rules),
             rp_filter=nl.rp_filter(q.rp_filter),
+            guards=frozenset(guards),
             chains=chains,
             jumps=jumps,
             nft=nft,
@@ -205,6 +210,10 @@ class LinuxKernel:
         nl, obj = self.nl, action.obj
         assert isinstance(obj, Tunnel)
         {"add": nl.add_tunnel, "del": nl.del_tunnel, "set": nl.set_tunnel}[action.op](obj)
+
+    def _egress_guard(self, action: NetAction) -> None:
+        self._net_writes += 1
+        (tc.put if action.op == "add" else tc.remove)(action.obj)  # type: ignore[arg-type]
 
     def _firewall(self, change: FirewallChange) -> None:
         if self.chains is None:

@@ -6,6 +6,7 @@ every change (netlink.py), where its request building earns its keep.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -17,7 +18,7 @@ from ..errors import RetryableError
 HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
-RTM_GETLINK, RTM_GETADDR, RTM_GETROUTE, RTM_GETRULE = 18, 22, 26, 34
+RTM_GETLINK, RTM_GETADDR, RTM_GETROUTE, RTM_GETRULE, RTM_GETTFILTER = 18, 22, 26, 34, 46
 IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
@@ -29,6 +30,11 @@ IFA_F_NODAD, IFA_F_DEPRECATED, IFA_F_TENTATIVE, IFA_F_NOPREFIXROUTE = 0x02, 0x20
 RTA_DST, RTA_OIF, RTA_PRIORITY, RTA_TABLE = 1, 4, 6, 15
 FRA_PRIORITY, FRA_FWMARK, FRA_SUPPRESS_PREFIXLEN, FRA_TABLE, FRA_FWMASK, FRA_PROTOCOL = 6, 10, 14, 15, 16, 21
 MSG_TRUNC = 0x20
+TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info (priority << 16 | protocol)
+TC_H_CLSACT_EGRESS = 0xFFFFFFF3  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)
+TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_BPF_OPS, TCA_BPF_FLAGS = 5, 8
+SOCK_FILTER = struct.Struct("=HBBI")  # one classic BPF instruction: code, jt, jf, k
 
 
 def messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
@@ -113,6 +119,13 @@ class RuleMsg:
     protocol: int
 
 
+@dataclass(frozen=True)
+class BpfFilter:
+    priority: int
+    ops: tuple[tuple[int, int, int, int], ...]  # the classic BPF program
+    flags: int  # TCA_BPF_FLAGS (1: direct-action)
+
+
 class Reader:
     """One rtnetlink socket, opened in the calling thread's network namespace."""
 
@@ -124,9 +137,10 @@ class Reader:
     def close(self) -> None:
         self.sock.close()
 
-    def dump(self, kind: int, body: bytes) -> Iterator[bytes]:
+    def dump(self, kind: int, body: bytes, nothing: tuple[int, ...] = ()) -> Iterator[bytes]:
         """The payloads of one dump. A dump the kernel marks interrupted (the table changed
-        while it was read) is not trusted: the sync fails and is retried."""
+        while it was read) is not trusted: the sync fails and is retried. An error in `nothing`
+        (errno values) means an empty dump."""
         self.seq += 1
         self.sock.send(HEADER.pack(HEADER.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, self.seq, 0) + body)
         out, interrupted = [], False
@@ -140,6 +154,8 @@ class Reader:
                 interrupted |= bool(mflags & NLM_F_DUMP_INTR)
                 if mtype in (NLMSG_DONE, NLMSG_ERROR):  # a dump's error comes in either, as -errno
                     code = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
+                    if code in nothing:
+                        return iter(())
                     if code:
                         raise RetryableError(f"reading the kernel: {os.strerror(code)}")
                     if interrupted:
@@ -186,4 +202,21 @@ class Reader:
             out.append(RuleMsg(u32(a.get(FRA_PRIORITY)), u32(a.get(FRA_FWMARK)), u32(a.get(FRA_FWMASK), 0xFFFFFFFF),
                                u32(a.get(FRA_TABLE), table), u32(a.get(FRA_SUPPRESS_PREFIXLEN), 0xFFFFFFFF),
                                u8(a.get(FRA_PROTOCOL))))  # fmt: skip
+        return out
+
+    def bpf_filters(self, ifindex: int) -> list[BpfFilter]:
+        """The classic BPF filters on a device's clsact egress hook (none without a clsact qdisc)."""
+        out = []
+        body = TCMSG.pack(socket.AF_UNSPEC, ifindex, 0, TC_H_CLSACT_EGRESS, 0)
+        for p in self.dump(RTM_GETTFILTER, body, nothing=(errno.EINVAL, errno.ENOENT, errno.ENODEV)):
+            info = TCMSG.unpack_from(p)[4]
+            a = attrs(p, TCMSG.size)
+            options = attrs(a.get(TCA_OPTIONS, b""))
+            if text(a.get(TCA_KIND)) != "bpf" or TCA_BPF_OPS not in options:
+                continue  # the chain's own line, or another kind of filter
+            raw = options[TCA_BPF_OPS]
+            ops = tuple(
+                SOCK_FILTER.unpack_from(raw, i) for i in range(0, len(raw) - SOCK_FILTER.size + 1, SOCK_FILTER.size)
+            )
+            out.append(BpfFilter(info >> 16, ops, u32(options.get(TCA_BPF_FLAGS))))
         return out

@@ -46,6 +46,8 @@ class RealWorld:
             run("ip", "rule", "del", "priority", "5000")
         elif what == "ce-address-deleted":
             run("ip", "-6", "addr", "del", f"{contract.CE}/128", "dev", "wan0")
+        elif what == "egress-guard-deleted":
+            run("tc", "qdisc", "del", "dev", "ip6tnl1", "clsact")
 
     def add_foreign(self) -> None:
         run("ip", "route", "add", "default", "dev", "lan0", "metric", "0", "proto", "static")  # pppd/DHCP's default
