@@ -99,3 +99,51 @@ def test_a_reload_of_pppoe_hosts_keeps_the_tunnel_and_a_long_connection_and_the_
             os.waitpid(holder, 0)
         assert d.stop() == 0, d.text()
     assert "Traceback" not in d.text()
+
+
+def test_debians_flush_ruleset_under_a_stream_of_new_flows_sends_nothing_wrong_by_the_tunnel(lab, tmp_path):
+    """`nft -f /etc/nftables.conf` (Debian's default: `flush ruleset` first) takes our table, SNAT
+    and the nftables guard with it. The daemon is paused meanwhile (a slow repair: the window stays
+    open); new UDP flows from the LAN go on. Before: they left by the tunnel un-NATed, and the
+    strict BR counted them. Now the egress guard on the tunnel's tc hook drops them, and after the
+    repair no un-NATed connection is left."""
+    ce = lab.ce_params()
+    chain = lab.br_add_ce(ce)
+    d = Daemon(lab, tmp_path, CONFIG).start()
+    out, stop = tmp_path / "flows.json", tmp_path / "stop-flows"
+    flows = None
+
+    def counts() -> dict:
+        return json.loads(out.read_text()) if out.exists() else {"ok": 0, "fail": 0}
+
+    def unnated() -> list[str]:
+        return [line for line in sh(lab.ce, "conntrack", "-L", "-p", "udp", check=False).splitlines()
+                if f"dst={SERVER}" in line and f"dst={ce.ipv4}" not in line]  # fmt: skip
+
+    try:
+        wait_for(d.synced_by_me, 120, "the first sync")
+        assert " bpf " in sh(lab.ce, "tc", "filter", "show", "dev", "ip6tnl1", "egress")
+        flows = spawn(lab.lan, traffic.udp_flows, SERVER, str(out), str(stop))
+        wait_for(lambda: counts()["ok"] >= 20, 60, "flows through the mapping")
+        for i in range(3):
+            d.proc.send_signal(signal.SIGSTOP)
+            sh(lab.ce, "nft", "-f", "/etc/nftables.conf")
+            assert "table ip mape" not in sh(lab.ce, "nft", "list", "tables")
+            failed = counts()["fail"]
+            wait_for(lambda f=failed: counts()["fail"] >= f + 10, 60, "new flows into the open window")
+            d.proc.send_signal(signal.SIGCONT)
+            wait_for(lambda: "table ip mape" in sh(lab.ce, "nft", "list", "tables"), 30, f"repair {i + 1}")
+            ok = counts()["ok"]
+            wait_for(lambda o=ok: counts()["ok"] >= o + 10, 60, "flows through the mapping again")
+        wait_for(lambda: not unnated(), 10, "the un-NATed entries of the window deleted")  # UDP: 30 s to expire
+        stop.touch()
+        os.waitpid(flows, 0)
+        flows = None
+        assert lab.br_counters(chain) == {"wrong-source": 0, "out-of-set": 0}
+    finally:
+        if flows is not None:
+            stop.touch()
+            os.waitpid(flows, 0)
+        if d.proc.poll() is None:
+            d.proc.send_signal(signal.SIGCONT)
+        assert d.stop() == 0, d.text()

@@ -213,3 +213,24 @@ def hold_tcp(dst: str, out_path: str, stop_path: str, seconds: float = 300) -> N
         state["broken"] = str(e)
     with open(out_path, "w") as out:
         json.dump(state, out)
+
+
+def udp_flows(dst: str, out_path: str, stop_path: str, seconds: float = 300) -> None:
+    """A stream of new UDP flows to `dst`'s echo port, each from a new socket (a new source port:
+    a new conntrack entry, and a new NAT binding), until `stop_path` exists. Counts to `out_path`."""
+    import os
+
+    counts = {"ok": 0, "fail": 0}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not os.path.exists(stop_path):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.3)
+            s.sendto(b"flow", (dst, UDP_PORT))
+            try:
+                s.recv(100)
+                counts["ok"] += 1
+            except OSError:
+                counts["fail"] += 1
+        with open(out_path, "w") as f:
+            json.dump(counts, f)
+        time.sleep(0.02)
