@@ -91,3 +91,40 @@ def test_a_dump_that_fails_is_an_error_to_retry_not_an_empty_answer(ns):
         assert r.routes(socket.AF_INET)  # the socket still works after it
     finally:
         r.close()
+
+
+def test_routes_of_other_tables_and_protocols_are_filtered_by_the_kernel_not_read():
+    """Before: every sync dumped every route of every table in both families; a router with a
+    large routing table of another program's (a BGP feed) paid for all of it each time."""
+    from mape_daemon.kernel import rtnl
+
+    with fresh_netns():
+        subprocess.run(["ip", "link", "add", "a0", "type", "veth", "peer", "name", "a1"], check=True)
+        subprocess.run(["ip", "link", "set", "a0", "up"], check=True)
+        batch = "".join(f"route add 10.{i // 256}.{i % 256}.0/24 dev a0 table 100 proto bird\n" for i in range(5000))
+        subprocess.run(["ip", "-batch", "-"], input=batch, text=True, check=True)
+        subprocess.run(["ip", "route", "add", "198.18.0.0/24", "dev", "a0", "table", "10", "proto", "203"], check=True)
+        subprocess.run(
+            ["ip", "route", "add", "198.18.1.0/24", "dev", "a0", "table", "10", "proto", "static"], check=True
+        )
+        subprocess.run(["ip", "route", "add", "198.18.2.0/24", "dev", "a0", "table", "1000", "proto", "static"],
+                       check=True)  # fmt: skip
+        nl = Netlink()
+        read = []
+        real = rtnl.Reader.dump
+
+        def counting(self, kind, body, nothing=()):
+            payloads = list(real(self, kind, body, nothing))
+            if kind == RTM_GETROUTE:
+                read.extend(payloads)
+            return iter(payloads)
+
+        try:
+            rtnl.Reader.dump = counting
+            ours, foreign = nl.routes(frozenset({254, 10, 1000}))
+        finally:
+            rtnl.Reader.dump = real
+            nl.close()
+        assert [r.dst for r in ours] == ["198.18.0.0/24"]
+        assert sorted(r.dst for r in foreign) == ["198.18.1.0/24", "198.18.2.0/24"]  # table 1000: RTA_TABLE
+        assert len(read) < 20, len(read)  # the kernel sent what we asked for, not the 5000 routes of table 100

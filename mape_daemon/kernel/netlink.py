@@ -149,15 +149,14 @@ class Netlink:
         return [Address(ifname, a.address, a.prefixlen) for a in dump if a.index == index]
 
     def routes(self, foreign_tables: frozenset[int] = frozenset()) -> tuple[list[Route], list[Route]]:
-        """Ours (protocol 203, every table) and, in `foreign_tables`, every other IPv4 route."""
+        """Ours (protocol 203, every table) and, in `foreign_tables`, every other IPv4 route. The
+        kernel filters the dumps, so routes of other tables and protocols are never read."""
         names = {link.index: link.name for link in self.link_dump()}
-        ours, foreign = [], []
-        for family, fam in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
-            for r in self.reader.routes(family):  # every table
-                if r.protocol == RT_PROTO:
-                    ours.append(_route(r, names, fam))
-                elif fam == 4 and r.table in foreign_tables and r.type != RTN_LOCAL:
-                    foreign.append(_route(r, names, fam))  # a local route is never a slot of ours
+        ours = [_route(r, names, fam) for family, fam in ((socket.AF_INET, 4), (socket.AF_INET6, 6))
+                for r in self.reader.routes(family, protocol=RT_PROTO)]  # fmt: skip
+        foreign = [_route(r, names, 4) for table in sorted(foreign_tables)
+                   for r in self.reader.routes(socket.AF_INET, table=table)
+                   if r.protocol != RT_PROTO and r.type != RTN_LOCAL]  # fmt: skip  # a local route is no slot of ours
         return ours, foreign
 
     def rules(self) -> tuple[list[RoutingRule], list[RoutingRule]]:
