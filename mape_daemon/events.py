@@ -20,13 +20,22 @@ log = logging.getLogger("mape-daemon")
 WATCHER_BACKOFF_MAX = 60.0
 OVERFLOW_SAY_EVERY = 60.0  # a storm of route events (a BGP table loading) says so once a minute
 NETLINK_RCVBUF = 1 << 20
+OUR_TABLES = frozenset({("ip", "mape")})
+IPTABLES_NFT_TABLES = frozenset({("ip", "nat"), ("ip", "filter"), ("ip", "mangle")})  # our MAPE-* chains
 
 
 class Events:
-    def __init__(self, runner: Runner, committed_by_child: Callable[[int], bool], changed: Callable[[], None]):
+    def __init__(
+        self,
+        runner: Runner,
+        committed_by_child: Callable[[int], bool],
+        changed: Callable[[], None],
+        our_tables: Callable[[], frozenset[tuple[str, str]]] = lambda: OUR_TABLES,
+    ):
         """`committed_by_child`: the kernel adapter's; `changed`: what firewalld says changed (the
-        state file shows it)."""
+        state file shows it); `our_tables`: the nf_tables tables our state lives in now."""
         self.runner, self.committed_by_child, self.changed = runner, committed_by_child, changed
+        self.our_tables = our_tables
         self.restarts = 0
         self.overflows: Counter[str] = Counter()  # since the last line that said so, per source
         self.overflow_said: dict[str, float] = {}
@@ -134,10 +143,13 @@ class Events:
                     await asyncio.sleep(delay)
                     delay = min(WATCHER_BACKOFF_MAX, delay * 2)
 
-    def on_nftables(self, generation: int, pid: int | None) -> None:
-        """A committed nf_tables transaction: news unless this process or one of its iptables-restore
-        children made it (kernels that do not name the process: newer than our last sync's). The
-        kernel names the committing thread, and our syncs commit from a worker thread."""
+    def on_nftables(self, generation: int, pid: int | None, tables: frozenset[tuple[str, str]] | None = None) -> None:
+        """A committed nf_tables transaction: news if it touched a table of ours (`tables` None:
+        not known, so it may have), unless this process or one of its iptables-restore children
+        made it (kernels that do not name the process: newer than our last sync's). The kernel
+        names the committing thread, and our syncs commit from a worker thread."""
+        if tables is not None and not tables & self.our_tables():
+            return  # another program's table only: fail2ban, docker, kube-proxy on a busy host
         if pid is not None:
             ours = (pid == os.getpid() or os.path.exists(f"/proc/self/task/{pid}")
                     or self.committed_by_child(pid))  # fmt: skip

@@ -28,7 +28,7 @@ from typing import Any
 from . import upnp
 from .config import Config, load
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, CannotRunHere
-from .events import Events
+from .events import IPTABLES_NFT_TABLES, OUR_TABLES, Events
 from .journal import SyncJournal, fields, notify, setup_logging, status_line
 from .reconciler import Reconciler
 from .record import RecordFile, exclusive
@@ -69,7 +69,7 @@ class Service:
         self.configs = ConfigSwitch(config_path, self.reconciler, records, make_kernel)
         self.journal = SyncJournal()
         self.events = Events(self.runner, lambda pid: self.reconciler.kernel.committed_by_child(pid),
-                             self._firewalld_changed)  # fmt: skip
+                             self._firewalld_changed, self._our_tables)  # fmt: skip
         self._set_period()
         self.ready = False
         self.last: SyncResult | None = None
@@ -92,8 +92,14 @@ class Service:
         """A reloaded config waiting for the next sync."""
         return self.configs.pending
 
-    def on_nftables(self, generation: int, pid: int | None) -> None:
-        self.events.on_nftables(generation, pid)
+    def on_nftables(self, generation: int, pid: int | None, tables: frozenset | None = None) -> None:
+        self.events.on_nftables(generation, pid, tables)
+
+    def _our_tables(self) -> frozenset[tuple[str, str]]:
+        """Where our netfilter state lives now: our table, and iptables-nft's tables if that is
+        the backend (the record's, or the adapter's)."""
+        backends = {self.reconciler.kernel.backend, self.records.record.backend}
+        return OUR_TABLES | (IPTABLES_NFT_TABLES if "iptables-nft" in backends else frozenset())
 
     # --- syncing ----------------------------------------------------------------------------
     def _set_period(self) -> None:

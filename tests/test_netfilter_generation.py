@@ -81,21 +81,30 @@ def test_a_commit_is_announced_with_its_generation_and_the_committing_pid():
     from mape_daemon.kernel.nftevents import current_generation, watch
 
     with fresh_netns():
-        seen: list[tuple[int, int | None]] = []
+        seen: list[tuple] = []
         ready = threading.Event()
         loop = asyncio.new_event_loop()
-        task = loop.create_task(watch(lambda gen, pid: seen.append((gen, pid)), ready.set))
+        task = loop.create_task(watch(lambda gen, pid, tables: seen.append((gen, pid, tables)), ready.set))
         runner = threading.Thread(target=lambda: loop.run_until_complete(asyncio.wait([task])), daemon=True)
         runner.start()
         assert ready.wait(10)
         proc = subprocess.Popen(["nft", "add", "table", "inet", "someone-else"])
         assert proc.wait(10) == 0
-        deadline = time.monotonic() + 10
-        while not seen and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_events(seen, 1)
+        ours = subprocess.Popen(["nft", "add table ip mape; add chain ip mape c; add table ip6 other"])
+        assert ours.wait(10) == 0
+        wait_for_events(seen, 2)
         loop.call_soon_threadsafe(task.cancel)
         runner.join(10)
-        assert seen == [(current_generation(), proc.pid)]
+        assert seen[0][1:] == (proc.pid, frozenset({("inet", "someone-else")}))  # the tables each commit touched
+        assert seen[1] == (current_generation(), ours.pid, frozenset({("ip", "mape"), ("ip6", "other")}))
+
+
+def wait_for_events(seen: list, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while len(seen) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(seen) >= n, seen
 
 
 def test_learned_listings_stay_bounded_in_memory():

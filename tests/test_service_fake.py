@@ -258,3 +258,20 @@ def test_ready_follows_the_first_sync_attempt_even_when_it_fails(svc, monkeypatc
     assert not sync(svc, "retry") and "READY=1" not in said  # once is enough
     del svc.kernel.links["ip6tnl1"]
     assert sync(svc, "retry") and any("tunnel up" in m for m in said)
+
+
+def test_a_foreign_commit_to_another_programs_table_is_no_news(svc):
+    """Before: every nf_tables commit of another process (fail2ban, crowdsec, docker, kube-proxy)
+    set off a full sync (three iptables-nft-save forks on iptables-nft)."""
+    causes = svc.runner.schedule.causes
+    causes.clear()
+    svc.on_nftables(7, 1, frozenset({("inet", "f2b-table")}))
+    assert "nftables" not in causes
+    svc.on_nftables(8, 1, frozenset({("inet", "f2b-table"), ("ip", "mape")}))  # `nft flush ruleset` names ours too
+    assert "nftables" in causes
+    causes.clear()
+    svc.on_nftables(9, 1, frozenset({("ip", "nat")}))  # iptables-nft's nat table: ours only on that backend
+    assert "nftables" not in causes
+    svc.records.record.backend = "iptables-nft"
+    svc.on_nftables(10, 1, frozenset({("ip", "nat")}))
+    assert "nftables" in causes
