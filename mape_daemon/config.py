@@ -266,7 +266,7 @@ class MssConfig(Model):
 
 class FirewallConfig(Model):
     backend: Literal["auto", "nftables", "iptables-nft", "iptables-legacy"] = "auto"
-    guard: bool = Field(default=True, description="nftables table that drops what would leave the tunnel wrong")
+    guard: bool = Field(default=True, description="the nftables and tc egress guards: nothing leaves the tunnel wrong")
 
 
 class FirewalldConfig(Model):

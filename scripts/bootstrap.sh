@@ -11,7 +11,7 @@ APT_PACKAGES=(
   iproute2 iptables libnftables1                          # what the daemon drives (iptables, its nft table)
   nftables conntrack                                      # the tests read the kernel with nft and conntrack
   qemu-system-x86 linux-image-amd64 busybox-static        # the lab VM (tests/lab)
-  radvd ppp pppoe                                         # the lab's simulated ISP
+  radvd ppp pppoe iperf3                                  # the lab's simulated ISP (iperf3: make bench)
   firewalld network-manager dbus                          # the host managers the lab lives beside
   miniupnpd miniupnpd-nftables miniupnpc                  # UPnP beside us (installed disabled) and a client
   dpkg-dev debhelper                                      # the Debian package (packaging/)
