@@ -145,8 +145,9 @@ class Service:
         if result.params is not None or result.error is None:  # not when the kernel could not be read
             await self._upnp(result, cause)
         self._write_status(result)
-        if not self.ready or reloaded is not None:
+        if (not self.ready or reloaded is not None) and self.exit_code == EXIT_OK:
             # Up and converging: a failure is logged, in STATUS= and retried (see the module doc).
+            # Not when this host cannot run us: `systemctl start` must fail, with 69.
             self.ready = True
             notify("READY=1")
         notify(f"STATUS={status_line(result)}")

@@ -275,3 +275,14 @@ def test_a_foreign_commit_to_another_programs_table_is_no_news(svc):
     svc.records.record.backend = "iptables-nft"
     svc.on_nftables(10, 1, frozenset({("ip", "nat")}))
     assert "nftables" in causes
+
+
+def test_a_host_that_cannot_run_it_never_says_ready(svc, monkeypatch):
+    """`systemctl start` must fail with 69 there, not report a start and then a failure."""
+    from mape_daemon import service
+
+    said: list[str] = []
+    monkeypatch.setattr(service, "notify", said.append)
+    svc.kernel.ip6tnl = False
+    assert not sync(svc, "start")
+    assert "READY=1" not in said and svc.exit_code == EXIT_UNAVAILABLE
