@@ -1,5 +1,5 @@
 """miniupnpd's config in step with the mapping: the rules (pure), the file and the restart (real
-files and a real command), what the service says (fake kernel). tests/kernel/test_upnp_lab.py runs
+files and a real command), what the service says (fake kernel). tests/kernel/systemd/test_upnp.py runs
 the real miniupnpd and upnpc through the lab's strict BR."""
 
 from __future__ import annotations
