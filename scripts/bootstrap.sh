@@ -30,12 +30,17 @@ if ((${#missing[@]})); then
 fi
 
 PY=${PYTHON:-python3}
-stamp=.venv/.bootstrap-$(cat pyproject.toml | sha256sum | cut -c1-16)
+stamp=.venv/.bootstrap-$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   echo "bootstrap: creating .venv and installing mape-daemon (editable) with its test tools"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
+  # The wheelhouse: every wheel the Debian package's own venv needs (the daemon's dependencies and
+  # the build backend), so building it later, in make test, needs no package index.
+  echo "bootstrap: keeping the wheels the package needs in .venv/wheelhouse"
+  rm -rf .venv/wheelhouse
+  .venv/bin/python -m pip wheel -q --wheel-dir .venv/wheelhouse . 'setuptools>=77'
   rm -f .venv/.bootstrap-*
   touch "$stamp"
 fi
