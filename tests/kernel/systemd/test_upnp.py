@@ -139,6 +139,8 @@ def test_after_a_power_cut_with_a_slow_onu_miniupnpd_starts_with_the_first_mappi
         chain = lab.br_add_ce(ce)
         lab.pids.append(spawn(lab.lan, traffic.serve, str(tmp_path / "app.jsonl"), "0.0.0.0", APP))
         sh(lab.ce, "ip", "link", "set", lab.wan, "down")  # the ONU is not up yet: no prefix
+        for stale in ("miniupnpd.conf", "miniupnpd.conf.applied"):  # a boot: /run is empty (a tmpfs)
+            Path("/run/mape-daemon", stale).unlink(missing_ok=True)
         CONF.write_text(CONFIG + f'[lan]\ninterfaces = ["{lab.lan_if}"]\n[upnp]\nenabled = true\n')
         use_namespace(lab.ce)
         miniupnpd_beside_us(lab.ce, lab.lan_if)
