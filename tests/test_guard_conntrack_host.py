@@ -221,14 +221,24 @@ def test_native_table_spreads_every_block_wins_over_a_masquerade_and_survives_ip
 
 
 def test_native_table_without_its_snat_drops_in_the_guard_and_reserved_ports_are_never_used(topo):
-    client, router, _ = topo
+    client, router, server = topo
     with inside(router):
         t = NftTable()
         t.replace(native())
         sh(router, "nft", "flush", "chain", "ip", "mape", firewall.NAT_CHAIN)  # someone flushed our SNAT
         assert t.expected(native()) != t.observe()  # the next sync sees it and replaces the table
-        assert call(client, traffic.tcp_sequential, SERVER, 1, 80, 2)[0].startswith("error")  # fails closed
-
+    # Fails closed: the guard drops the un-NATed packets, and the server never sees one of them.
+    # (An error alone proves nothing: the server has no route back to the client anyway.)
+    sh(server, "nft", "add table ip seen; add chain ip seen in { type filter hook prerouting priority -300; }; "
+       "add rule ip seen in ip saddr 10.77.0.0/24 counter")  # fmt: skip
+    dropped = guard_drops(router)
+    try:
+        assert call(client, traffic.tcp_sequential, SERVER, 1, 80, 2)[0].startswith("error")
+        assert guard_drops(router) > dropped
+        assert "packets 0 " in sh(server, "nft", "list", "chain", "ip", "seen", "in")
+    finally:
+        sh(server, "nft", "delete", "table", "ip", "seen")
+    with inside(router):
         lo, hi = P.port_ranges[0]
         reserved = desired.build(CFG.model_copy(update={"snat": CFG.snat.model_copy(
             update={"reserved_ports": (f"{lo}-{hi}",)})}), P, native=True).nft  # fmt: skip
