@@ -286,3 +286,19 @@ def test_a_host_that_cannot_run_it_never_says_ready(svc, monkeypatch):
     svc.kernel.ip6tnl = False
     assert not sync(svc, "start")
     assert "READY=1" not in said and svc.exit_code == EXIT_UNAVAILABLE
+
+
+def test_a_good_reload_asks_for_a_sync_at_once_and_a_bad_one_for_none(svc, tmp_path):
+    """test_runner sets `urgent` by hand; this shows that a SIGHUP's good config is what sets it
+    (so a reload is applied even during a retry backoff), and that a bad file sets nothing."""
+    assert sync(svc, "start")
+    schedule = svc.runner.schedule
+    schedule.causes.clear()
+    (tmp_path / "mape.toml").write_text("[wan\n")
+    svc.reload()
+    assert not schedule.urgent and "reload" not in schedule.causes and svc.pending is None
+    (tmp_path / "mape.toml").write_text(BASE + "[tunnel]\nmtu = 1400\n")
+    svc.reload()
+    assert schedule.urgent and "reload" in schedule.causes and svc.pending is not None
+    schedule.failures = 5  # in the middle of a backoff
+    assert schedule.wait(schedule.last_start or 0.0) == 0
