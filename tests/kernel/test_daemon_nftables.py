@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 from tests.lab import traffic
 from tests.lab.daemon import Daemon
@@ -35,8 +34,9 @@ def test_nftables_backend_ignores_iptables_flushes_and_repairs_its_table_by_even
 
         for t in ("nat", "mangle", "filter"):  # what firewalld's reload does to every iptables table
             sh(lab.ce, "iptables", "-t", t, "-F")
-        time.sleep(3)  # room for a repair to show, had there been anything to repair
-        assert "restored" not in d.text() and "updated" not in d.text(), d.text()
+        d.proc.send_signal(signal.SIGHUP)  # a sync after the flushes: the positive signal to wait for
+        wait_for(lambda: "applied" in d.text(), 30, "the reload's sync")
+        assert "restored" not in d.text() and "updated" not in d.text(), d.text()  # nothing was ours
         answer_in_set(lab, ce)
 
         sh(lab.ce, "nft", "flush", "chain", "ip", "mape", "nat-out")
