@@ -5,12 +5,11 @@ of another process) is repaired by the nf_tables event, not by the periodic sync
 from __future__ import annotations
 
 import json
-import os
 import signal
 
 from tests.lab import traffic
 from tests.lab.daemon import Daemon
-from tests.lab.netns import call, sh, spawn
+from tests.lab.netns import call, running, sh
 from tests.lab.topo import SERVER, wait_for
 
 CONFIG = ('[wan]\ninterface = "wan0"\n[lan]\ninterfaces = ["lan0"]\n[pppoe]\n[firewall]\nbackend = "nftables"\n'
@@ -65,38 +64,31 @@ def test_a_reload_of_pppoe_hosts_keeps_the_tunnel_and_a_long_connection_and_the_
     ce = lab.ce_params()
     chain = lab.br_add_ce(ce)
     d = Daemon(lab, tmp_path, CONFIG).start()
-    out, stop = tmp_path / "hold.json", tmp_path / "stop-hold"
-    holder = None
+    out = tmp_path / "hold.json"
     try:
         wait_for(d.synced_by_me, 120, "the first sync")
         index = sh(lab.ce, "cat", "/sys/class/net/ip6tnl1/ifindex")
-        holder = spawn(lab.lan, traffic.hold_tcp, SERVER, str(out), str(stop))
-        wait_for(lambda: out.exists() and json.loads(out.read_text())["echoes"] >= 3, 60, "an established connection")
-        before = json.loads(out.read_text())
+        with running(lab.lan, traffic.hold_tcp, SERVER, str(out), stop=tmp_path / "stop-hold"):
+            wait_for(lambda: out.exists() and json.loads(out.read_text())["echoes"] >= 3, 60, "a connection")
+            before = json.loads(out.read_text())
 
-        d.cfg.write_text(CONFIG.replace("[pppoe]\n", '[pppoe]\nhosts = ["192.168.1.77"]\n'))
-        d.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "192.168.1.77" in sh(lab.ce, "nft", "list", "chain", "ip", "mape", "pbr"), 30, "the reload")
-        wait_for(lambda: json.loads(out.read_text())["echoes"] >= before["echoes"] + 5, 60, "echoes after the reload")
-        after = json.loads(out.read_text())
-        assert after["broken"] is None and after["sport"] == before["sport"], (before, after)
-        assert sh(lab.ce, "cat", "/sys/class/net/ip6tnl1/ifindex") == index  # the same tunnel, never recreated
-        assert "removed our state under the old config" not in d.text() and "conntrack:" not in d.text(), d.text()
-
-        for mtu in (1420, 1410, 1400):  # three SIGHUPs in quick succession: the last one wins
-            d.cfg.write_text(CONFIG + f"[tunnel]\nmtu = {mtu}\n")
+            d.cfg.write_text(CONFIG.replace("[pppoe]\n", '[pppoe]\nhosts = ["192.168.1.77"]\n'))
             d.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "mtu 1400 " in sh(lab.ce, "ip", "link", "show", "ip6tnl1"), 30, "the last reload")
-        wait_for(lambda: d.text().count("applied") >= 2, 30, "the journal saying so")
-        stop.touch()
-        os.waitpid(holder, 0)
-        holder = None
+            wait_for(lambda: "192.168.1.77" in sh(lab.ce, "nft", "list", "chain", "ip", "mape", "pbr"), 30, "reload")
+            wait_for(lambda: json.loads(out.read_text())["echoes"] >= before["echoes"] + 5, 60, "echoes after it")
+            after = json.loads(out.read_text())
+            assert after["broken"] is None and after["sport"] == before["sport"], (before, after)
+            assert sh(lab.ce, "cat", "/sys/class/net/ip6tnl1/ifindex") == index  # the same tunnel, never recreated
+            assert "removed our state under the old config" not in d.text() and "conntrack:" not in d.text()
+
+            for mtu in (1420, 1410, 1400):  # three SIGHUPs in quick succession: the last one wins
+                d.cfg.write_text(CONFIG + f"[tunnel]\nmtu = {mtu}\n")
+                d.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: "mtu 1400 " in sh(lab.ce, "ip", "link", "show", "ip6tnl1"), 30, "the last reload")
+            wait_for(lambda: d.text().count("applied") >= 2, 30, "the journal saying so")
         assert json.loads(out.read_text())["broken"] is None
         assert lab.br_counters(chain) == {"wrong-source": 0, "out-of-set": 0}
     finally:
-        if holder is not None:
-            stop.touch()
-            os.waitpid(holder, 0)
         assert d.stop() == 0, d.text()
     assert "Traceback" not in d.text()
 
@@ -110,8 +102,7 @@ def test_debians_flush_ruleset_under_a_stream_of_new_flows_sends_nothing_wrong_b
     ce = lab.ce_params()
     chain = lab.br_add_ce(ce)
     d = Daemon(lab, tmp_path, CONFIG).start()
-    out, stop = tmp_path / "flows.json", tmp_path / "stop-flows"
-    flows = None
+    out = tmp_path / "flows.json"
 
     def counts() -> dict:
         return json.loads(out.read_text()) if out.exists() else {"ok": 0, "fail": 0}
@@ -123,27 +114,21 @@ def test_debians_flush_ruleset_under_a_stream_of_new_flows_sends_nothing_wrong_b
     try:
         wait_for(d.synced_by_me, 120, "the first sync")
         assert " bpf " in sh(lab.ce, "tc", "filter", "show", "dev", "ip6tnl1", "egress")
-        flows = spawn(lab.lan, traffic.udp_flows, SERVER, str(out), str(stop))
-        wait_for(lambda: counts()["ok"] >= 20, 60, "flows through the mapping")
-        for i in range(3):
-            d.proc.send_signal(signal.SIGSTOP)
-            sh(lab.ce, "nft", "-f", "/etc/nftables.conf")
-            assert "table ip mape" not in sh(lab.ce, "nft", "list", "tables")
-            failed = counts()["fail"]
-            wait_for(lambda f=failed: counts()["fail"] >= f + 10, 60, "new flows into the open window")
-            d.proc.send_signal(signal.SIGCONT)
-            wait_for(lambda: "table ip mape" in sh(lab.ce, "nft", "list", "tables"), 30, f"repair {i + 1}")
-            ok = counts()["ok"]
-            wait_for(lambda o=ok: counts()["ok"] >= o + 10, 60, "flows through the mapping again")
-        wait_for(lambda: not unnated(), 10, "the un-NATed entries of the window deleted")  # UDP: 30 s to expire
-        stop.touch()
-        os.waitpid(flows, 0)
-        flows = None
+        with running(lab.lan, traffic.udp_flows, SERVER, str(out), stop=tmp_path / "stop-flows"):
+            wait_for(lambda: counts()["ok"] >= 20, 60, "flows through the mapping")
+            for i in range(3):
+                d.proc.send_signal(signal.SIGSTOP)
+                try:
+                    sh(lab.ce, "nft", "-f", "/etc/nftables.conf")
+                    assert "table ip mape" not in sh(lab.ce, "nft", "list", "tables")
+                    failed = counts()["fail"]
+                    wait_for(lambda f=failed: counts()["fail"] >= f + 10, 60, "new flows into the open window")
+                finally:
+                    d.proc.send_signal(signal.SIGCONT)
+                wait_for(lambda: "table ip mape" in sh(lab.ce, "nft", "list", "tables"), 30, f"repair {i + 1}")
+                ok = counts()["ok"]
+                wait_for(lambda o=ok: counts()["ok"] >= o + 10, 60, "flows through the mapping again")
+            wait_for(lambda: not unnated(), 10, "the un-NATed entries of the window deleted")  # UDP: 30 s to expire
         assert lab.br_counters(chain) == {"wrong-source": 0, "out-of-set": 0}
     finally:
-        if flows is not None:
-            stop.touch()
-            os.waitpid(flows, 0)
-        if d.proc.poll() is None:
-            d.proc.send_signal(signal.SIGCONT)
         assert d.stop() == 0, d.text()

@@ -4,7 +4,6 @@ cannot run it, and kill -9 in the middle of a sync, each on the lab's real kerne
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from tests.lab import traffic
 from tests.lab.daemon import Daemon
-from tests.lab.netns import sh, spawn
+from tests.lab.netns import running, sh
 from tests.lab.topo import SERVER, wait_for
 
 CONFIG = '[wan]\ninterface = "wan0"\n[lan]\ninterfaces = ["lan0"]\n[pppoe]\n'
@@ -51,29 +50,22 @@ def test_a_two_second_wan_flap_loses_no_connection(lab, tmp_path):
     ce = lab.ce_params()
     chain = lab.br_add_ce(ce)
     d = Daemon(lab, tmp_path, CONFIG + "[daemon]\nhold_down = 20\n").start()  # room for a slow RA in the lab
-    out, stop = tmp_path / "hold.json", tmp_path / "stop-hold"
-    holder = None
+    out = tmp_path / "hold.json"
     try:
         wait_for(lambda: tunnel_local(lab) == ce.ce_draft03 and d.synced_by_me(), 120, "the first sync")
-        holder = spawn(lab.lan, traffic.hold_tcp, SERVER, str(out), str(stop))
-        wait_for(lambda: out.exists() and json.loads(out.read_text())["echoes"] >= 3, 60, "an established connection")
-        before = json.loads(out.read_text())
-        sh(lab.ce, "ip", "link", "set", "wan0", "down")
-        wait_for(lambda: "prefix gone from wan0" in d.text(), 30, "the hold-down to begin")
-        sh(lab.ce, "sleep", "2")  # the flap: link down for two seconds
-        sh(lab.ce, "ip", "link", "set", "wan0", "up")
-        wait_for(lambda: json.loads(out.read_text())["echoes"] >= before["echoes"] + 5, 60, "echoes after the flap")
-        stop.touch()
-        os.waitpid(holder, 0)
-        holder = None
+        with running(lab.lan, traffic.hold_tcp, SERVER, str(out), stop=tmp_path / "stop-hold"):
+            wait_for(lambda: out.exists() and json.loads(out.read_text())["echoes"] >= 3, 60, "a connection")
+            before = json.loads(out.read_text())
+            sh(lab.ce, "ip", "link", "set", "wan0", "down")
+            wait_for(lambda: "prefix gone from wan0" in d.text(), 30, "the hold-down to begin")
+            sh(lab.ce, "sleep", "2")  # the flap: link down for two seconds
+            sh(lab.ce, "ip", "link", "set", "wan0", "up")
+            wait_for(lambda: json.loads(out.read_text())["echoes"] >= before["echoes"] + 5, 60, "echoes after it")
         after = json.loads(out.read_text())
         assert after["broken"] is None and after["sport"] == before["sport"], (before, after)
         assert "conntrack" not in d.text() and "MAP-E off" not in d.text() and "moved" not in d.text(), d.text()
         assert lab.br_counters(chain) == {"wrong-source": 0, "out-of-set": 0}
     finally:
-        if holder is not None:
-            stop.touch()
-            os.waitpid(holder, 0)
         assert d.stop() == 0, d.text()
 
 

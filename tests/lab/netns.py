@@ -8,7 +8,9 @@ import pickle
 import signal
 import subprocess
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -98,3 +100,15 @@ def spawn(ns: str | None, fn: Callable[..., Any], *args: Any) -> int:
 
 def _alarm(signum, frame):  # pragma: no cover - only on a hung child
     raise TimeoutError("child in netns did not answer in time")
+
+
+@contextmanager
+def running(ns: str | None, fn: Callable[..., Any], *args: Any, stop: Path) -> Iterator[int]:
+    """fn(*args, str(stop)) in a child inside `ns` (traffic.hold_tcp, churn, udp_flows: they run
+    until `stop` exists) for the block; stopped and waited for at its end, however it ends."""
+    pid = spawn(ns, fn, *args, str(stop))
+    try:
+        yield pid
+    finally:
+        stop.touch()
+        os.waitpid(pid, 0)
