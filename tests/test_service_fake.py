@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 
 import pytest
@@ -302,3 +303,33 @@ def test_a_good_reload_asks_for_a_sync_at_once_and_a_bad_one_for_none(svc, tmp_p
     assert schedule.urgent and "reload" in schedule.causes and svc.pending is not None
     schedule.failures = 5  # in the middle of a backoff
     assert schedule.wait(schedule.last_start or 0.0) == 0
+
+
+def test_apply_and_cleanup_refuse_beside_a_running_daemon(tmp_path, monkeypatch, capsys):
+    """README: `apply` and `cleanup` refuse while a daemon holds the state folder's lock (they
+    would fight it), with a message that names it; nothing is read from the kernel."""
+    from mape_daemon import cli
+    from mape_daemon.record import exclusive
+
+    monkeypatch.setattr(cli, "state_dir", lambda: tmp_path)
+    monkeypatch.setattr(cli, "make_reconciler", lambda *a: pytest.fail("the kernel was touched"))
+    path = tmp_path / "mape.toml"
+    path.write_text(BASE)
+    with exclusive(tmp_path, "running a second daemon"):  # what `mape-daemon run` holds
+        for command in ("apply", "cleanup"):
+            assert cli.main([command, "-c", str(path)]) == cli.EXIT_FAILURE
+            err = capsys.readouterr().err
+            assert f"another mape-daemon (pid {os.getpid()}) is managing this router" in err, err
+            assert f"mape-daemon {command} would fight it: stop it first" in err
+
+
+def test_on_stop_keep_leaves_our_state_and_its_record(svc, tmp_path, caplog):
+    """README: with daemon.on_stop = "keep" a stop removes nothing, and says so."""
+    (tmp_path / "mape.toml").write_text(BASE + '[daemon]\non_stop = "keep"\n')
+    svc.reload()
+    assert sync(svc, "reload")
+    whole = svc.kernel.snapshot()
+    with caplog.at_level(logging.INFO, "mape-daemon"):
+        assert asyncio.run(svc.stop()) == 0
+    assert "our state stays (daemon.on_stop = keep)" in caplog.text
+    assert svc.kernel.snapshot() == whole and svc.records.record.tunnels == ["ip6tnl1"]
