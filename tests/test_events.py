@@ -84,5 +84,5 @@ def test_a_netlink_watcher_that_cannot_subscribe_at_start_is_cannot_run_here(mon
 
     monkeypatch.setattr(watch, "watch", refused)
     ev = make()
-    with pytest.raises(CannotRunHere, match="cannot subscribe to netlink events: .*Operation not permitted"):
+    with pytest.raises(CannotRunHere, match=r"cannot subscribe to netlink events: .*Operation not permitted"):
         asyncio.run(ev.start(lambda: "ip6tnl1", lambda: None))
