@@ -89,7 +89,7 @@ def test_a_host_that_cannot_run_it_gets_one_message_and_exit_69(lab, tmp_path):
     tracking is read over netlink)."""
     bare = tmp_path / "bin"
     bare.mkdir()
-    for tool in ("ip", "sh", "cat"):  # a PATH with no iptables, no nft and no conntrack
+    for tool in ("ip", "tc", "sh", "cat"):  # a PATH with no iptables, no nft and no conntrack (iproute2 only)
         (bare / tool).symlink_to(subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip())
     d = Daemon(lab, tmp_path, CONFIG + '[firewall]\nbackend = "iptables-nft"\n', {"PATH": str(bare)}).start()
     assert d.proc.wait(120) == 69, d.text()

@@ -231,6 +231,7 @@ def udp_flows(dst: str, out_path: str, stop_path: str, seconds: float = 300) -> 
                 counts["ok"] += 1
             except OSError:
                 counts["fail"] += 1
-        with open(out_path, "w") as f:
+        with open(out_path + ".new", "w") as f:  # whole or not at all: the test reads it meanwhile
             json.dump(counts, f)
+        os.replace(out_path + ".new", out_path)
         time.sleep(0.02)
