@@ -196,7 +196,7 @@ class Reader:
         body = RTMSG.pack(family, 0, 0, 0, min(table, 252) if table else 0, protocol, 0, 0, 0)  # 252: see RTA_TABLE
         if table:
             body += struct.pack("=HHI", 8, RTA_TABLE, table)
-        for p in self.dump(RTM_GETROUTE, body):
+        for p in self.dump(RTM_GETROUTE, body, nothing=(errno.ENOENT,)):  # a table with no route does not exist
             fam, dst_len, _src_len, _tos, table, protocol, _scope, rtype, _flags = RTMSG.unpack_from(p)
             a = attrs(p, RTMSG.size)
             out.append(RouteMsg(fam, address(fam, a.get(RTA_DST)), dst_len, u32(a.get(RTA_TABLE), table), protocol,
