@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import selectors
 import socket
 import struct
@@ -160,12 +161,27 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
+def echoed(sock: socket.socket, dst: str, payload: bytes) -> bool:
+    """One UDP datagram to `dst`'s echo port; True when the answer came back in time."""
+    sock.sendto(payload, (dst, UDP_PORT))
+    try:
+        sock.recv(100)
+        return True
+    except OSError:
+        return False
+
+
+def write_counts(out_path: str, counts: dict) -> None:
+    """Whole or not at all: the test reads the file meanwhile."""
+    with open(out_path + ".new", "w") as f:
+        json.dump(counts, f)
+    os.replace(out_path + ".new", out_path)
+
+
 def churn(dst: str, out_path: str, stop_path: str, seconds: float = 300) -> None:
     """Continuous TCP, UDP and ICMP to `dst` until `stop_path` exists (or `seconds` pass): a new
     TCP connection each round, and a long-lived UDP flow (source port 45000) and ICMP flow (id
     4242) whose conntrack entries outlive any one change. Counts go to `out_path` as JSON."""
-    import os
-
     counts = {"tcp_ok": 0, "tcp_fail": 0, "udp_ok": 0, "udp_fail": 0, "icmp_ok": 0, "icmp_fail": 0}
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("0.0.0.0", 45000))
@@ -175,15 +191,9 @@ def churn(dst: str, out_path: str, stop_path: str, seconds: float = 300) -> None
         seq += 1
         ok = not tcp_sequential(dst, 1, timeout=1)[0].startswith("error")
         counts["tcp_ok" if ok else "tcp_fail"] += 1
-        udp.sendto(b"churn", (dst, UDP_PORT))
-        try:
-            udp.recv(100)
-            counts["udp_ok"] += 1
-        except OSError:
-            counts["udp_fail"] += 1
+        counts["udp_ok" if echoed(udp, dst, b"churn") else "udp_fail"] += 1
         counts["icmp_ok" if ping_once(dst, 4242, seq, 0.5) else "icmp_fail"] += 1
-        with open(out_path, "w") as f:
-            json.dump(counts, f)
+        write_counts(out_path, counts)
         time.sleep(0.1)
     udp.close()
 
@@ -191,8 +201,6 @@ def churn(dst: str, out_path: str, stop_path: str, seconds: float = 300) -> None
 def hold_tcp(dst: str, out_path: str, stop_path: str, seconds: float = 300) -> None:
     """One TCP connection held open, echoing a line every 0.3 s until `stop_path` exists: writes
     {"sport": the server's view of our port, "echoes": n, "broken": why or None} to `out_path`."""
-    import os
-
     state: dict = {"sport": None, "echoes": 0, "broken": None}
     deadline = time.monotonic() + seconds
     try:
@@ -218,20 +226,11 @@ def hold_tcp(dst: str, out_path: str, stop_path: str, seconds: float = 300) -> N
 def udp_flows(dst: str, out_path: str, stop_path: str, seconds: float = 300) -> None:
     """A stream of new UDP flows to `dst`'s echo port, each from a new socket (a new source port:
     a new conntrack entry, and a new NAT binding), until `stop_path` exists. Counts to `out_path`."""
-    import os
-
     counts = {"ok": 0, "fail": 0}
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and not os.path.exists(stop_path):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(0.3)
-            s.sendto(b"flow", (dst, UDP_PORT))
-            try:
-                s.recv(100)
-                counts["ok"] += 1
-            except OSError:
-                counts["fail"] += 1
-        with open(out_path + ".new", "w") as f:  # whole or not at all: the test reads it meanwhile
-            json.dump(counts, f)
-        os.replace(out_path + ".new", out_path)
+            counts["ok" if echoed(s, dst, b"flow") else "fail"] += 1
+        write_counts(out_path, counts)
         time.sleep(0.02)
