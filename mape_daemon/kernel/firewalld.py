@@ -30,7 +30,9 @@ RELOADED = MatchRule(type="signal", interface=BUS_NAME, member="Reloaded", path=
 OWNER = MatchRule(type="signal", sender="org.freedesktop.DBus", interface="org.freedesktop.DBus",
                   member="NameOwnerChanged", path="/org/freedesktop/DBus")  # fmt: skip
 OWNER.add_arg_condition(0, BUS_NAME)
-SETTLE = 2.0  # a restarted firewalld claims its name, then loads and applies its zones: look again after
+# A restarted firewalld claims its name, then loads and applies its zones (seconds on a slow
+# machine; with legacy iptables its flush sends no other event): sync again as it settles.
+SETTLE = (2.0, 5.0, 10.0)
 ALIVE_EVERY = 60.0  # with no signal for this long, ask the bus something: jeepney's signal queue
 ASK_TIMEOUT = 30.0  # never wakes on a dropped connection (only pending replies fail), so a dead
 # bus shows as an unanswered call, and the supervisor subscribes anew
@@ -134,9 +136,14 @@ async def watch(
                 if got in done:
                     trigger("firewalld")
                     if got.result().header.fields.get(HeaderFields.member) == "NameOwnerChanged":
-                        await asyncio.sleep(SETTLE)
-                        trigger("firewalld")
+                        waited = 0.0
+                        for at in SETTLE:
+                            await asyncio.sleep(at - waited)
+                            waited = at
+                            trigger("firewalld")
                 elif not done:  # quiet for a while: is the bus still there?
                     await asyncio.wait_for(_call(router, message_bus, "GetId"), ask_timeout)
                     continue
                 checked(await asyncio.wait_for(inspect(router, tunnel(), bind_to()), ask_timeout))
+                if got in done:  # it answered: done loading, whatever it flushed is flushed by now
+                    trigger("firewalld")
