@@ -560,7 +560,13 @@ def guard_rows(lab: Lab, rounds: int = 3) -> list[dict]:
 
 def vm_rss_floor() -> float:
     """The libraries the daemon cannot run without, imported and nothing else."""
-    code = ("import mape_daemon, pydantic, re\nfrom pyroute2.iproute.linux import IPRoute\n"
+    # pyroute2 as the daemon imports it: its light registration (kernel/_pyroute2.py) first, loaded
+    # by path so that nothing else of ours comes with it.
+    light = Path(__file__).resolve().parents[1] / "mape_daemon" / "kernel" / "_pyroute2.py"
+    code = ("import importlib.util, pydantic, re\n"
+            f"spec = importlib.util.spec_from_file_location('light', {str(light)!r})\n"
+            "light = importlib.util.module_from_spec(spec); spec.loader.exec_module(light); light.register_light()\n"
+            "from pyroute2.iproute.linux import IPRoute\n"
             "print(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")  # fmt: skip
     return int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout) / 1024
 
