@@ -153,6 +153,10 @@ def test_firewalld_zone_problems_are_said_once_with_the_commands(lab, tmp_path):
         for line in sh(lab.ce, "conntrack", "-L", "-p", "tcp", check=False).splitlines():
             if f"dst={ce.ipv4}" in line:
                 assert int(line.split("dport=")[-1].split()[0]) in ce.ports(), line
+        # firewalld has answered about the tunnel since that reload (it is done applying it), and
+        # the daemon's last sync was good: then the data path must work.
+        wait_for(lambda: (d.state().get("firewalld") or {}).get("zone") == "external" and d.state().get("ok"), 60,
+                 "firewalld settled and the daemon converged")  # fmt: skip
         checks.data_path(lab, ce, chain)
     finally:
         rc = d.stop()
