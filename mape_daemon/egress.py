@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from .mapcalc import MapParams
+from .state import bpf_text
 
 # Classic BPF opcodes (linux/filter.h).
 LD_W_ABS, LD_H_ABS, LD_B_ABS = 0x20, 0x28, 0x30
@@ -88,7 +89,7 @@ def _resolve(code: list[tuple]) -> tuple[Insn, ...]:
 
 def bytecode(insns: tuple[Insn, ...]) -> str:
     """tc's text for a classic BPF program: `N,code jt jf k,...` (what `tc filter show` prints)."""
-    return f"{len(insns)}," + ",".join(f"{op} {jt} {jf} {k}" for op, jt, jf, k in insns)
+    return bpf_text(insns)
 
 
 def run(insns: tuple[Insn, ...], packet: bytes) -> int:

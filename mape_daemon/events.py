@@ -15,13 +15,14 @@ from typing import Any
 
 from .errors import CannotRunHere
 from .runner import Runner
+from .state import TABLES
 
 log = logging.getLogger("mape-daemon")
 WATCHER_BACKOFF_MAX = 60.0
 OVERFLOW_SAY_EVERY = 60.0  # a storm of route events (a BGP table loading) says so once a minute
 NETLINK_RCVBUF = 1 << 20
 OUR_TABLES = frozenset({("ip", "mape")})
-IPTABLES_NFT_TABLES = frozenset({("ip", "nat"), ("ip", "filter"), ("ip", "mangle")})  # our MAPE-* chains
+IPTABLES_NFT_TABLES = frozenset(("ip", t) for t in TABLES)  # where iptables-nft keeps our MAPE-* chains
 
 
 class Events:

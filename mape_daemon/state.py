@@ -148,6 +148,12 @@ class RoutingRule:
         return f"rule {self.priority}: fwmark {self.fwmark:#x}/{self.mask:#x} lookup {table}{sup} proto {RT_PROTO}"
 
 
+def bpf_text(insns) -> str:
+    """tc's text for a classic BPF program, `N,code jt jf k,...`: how EgressGuard.program is
+    written (egress.py) and read back (kernel/tc.py), so the two compare equal."""
+    return f"{len(insns)}," + ",".join(f"{op} {jt} {jf} {k}" for op, jt, jf, k in insns)
+
+
 @dataclass(frozen=True, order=True)
 class EgressGuard:
     """Our classic BPF program on the tunnel's tc egress hook (egress.py): the last word on what

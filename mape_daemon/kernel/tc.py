@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 
 from ..errors import CannotRunHere, RetryableError
-from ..state import EgressGuard
+from ..state import EgressGuard, bpf_text
 from .rtnl import Reader
 
 PRIORITY = 1  # our filter's place on the hook (pref); one filter, ours
@@ -17,7 +17,7 @@ DIRECT_ACTION = 1  # TCA_BPF_FLAG_ACT_DIRECT: the program's return value is the 
 def observe(reader: Reader, ifname: str, ifindex: int) -> EgressGuard | None:
     for f in reader.bpf_filters(ifindex):
         if f.priority == PRIORITY and f.flags & DIRECT_ACTION:
-            return EgressGuard(ifname, f"{len(f.ops)}," + ",".join(f"{c} {jt} {jf} {k}" for c, jt, jf, k in f.ops))
+            return EgressGuard(ifname, bpf_text(f.ops))
     return None
 
 
