@@ -34,6 +34,7 @@ def params():
 
 
 P = params()  # 153.240.72.209, psid 22: ports 1376-1391, 2400-2415, ...
+OTHER = IPv6Address("2400:4050:1234:5700::1")
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,8 @@ def guard_drops(router: str) -> int:
 def test_nft_table_is_replaced_whole_read_back_canonical_and_removed(topo):
     _, router, _ = topo
     script = desired.build(CFG, P).nft
+    neighbour = compute(maprules.bundled().match(OTHER), OTHER)  # same rule, another PSID and set
+    other = desired.build(CFG, neighbour).nft
     with inside(router):
         t = NftTable()
         t.replace(None)
@@ -97,6 +100,16 @@ def test_nft_table_is_replaced_whole_read_back_canonical_and_removed(topo):
         assert NftTable(dict(t.canonical)).expected(script) == listed  # kept across a restart via the record
         t.replace(script)
         assert t.observe() == listed
+        # What was learned is nft's form of this script, not any listing: it holds this mapping's
+        # source and every port range of its set, and nft reads it back as the same table.
+        assert str(P.ipv4) in listed and all(f"{lo}-{hi}" in listed for lo, hi in P.port_ranges)
+        t.replace(None)
+        sh(router, "nft", "-f", "-", input=listed)
+        assert t.observe() == listed
+        # Another mapping in place: the sync that wants ours sees the difference (and the reverse).
+        t.replace(other)
+        assert t.observe() != listed and t.expected(script) != t.observe()
+        assert t.expected(other) == t.observe() and t.expected(script) == listed
         t.replace(None)
         assert t.observe() is None
 
