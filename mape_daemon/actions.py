@@ -10,8 +10,9 @@ a value type in `state`, its action here (or a NetAction of it), its kernel hand
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .record import Record
 from .state import Address, Chain, EgressGuard, Jump, Route, RoutingRule, Tunnel
@@ -154,7 +155,26 @@ class FirewallChange(ActionBase):
     add_jumps: tuple[Jump, ...] = ()
     del_jumps: tuple[Jump, ...] = ()
     why: tuple[str, ...] = ()  # per replaced chain, in order: "missing", "empty", "3 rules differed"
+    keep_jumps: tuple[Jump, ...] = ()  # wanted jumps whose extra copies del_jumps removes: one stays
     kind = "firewall"
+
+    @property
+    def touches_jumps(self) -> bool:
+        return bool(self.delete or self.add_jumps or self.del_jumps)
+
+    def against(self, chains: Iterable[str], jumps: Iterable[Jump]) -> FirewallChange | None:
+        """This change as it still applies to a table holding `chains` and `jumps` now: a retry
+        after a lost answer, or a table someone changed since the plan. No chain is removed twice,
+        no jump added twice, a wanted jump keeps one copy. None: nothing is left to do."""
+        names, have = set(chains), Counter(jumps)
+        wanted = set(self.add_jumps) | set(self.keep_jumps)
+        now = replace(
+            self,
+            delete=tuple(n for n in self.delete if n in names),
+            add_jumps=tuple(j for j in self.add_jumps if not have[j]),
+            del_jumps=tuple(j for j in sorted(set(self.del_jumps)) for _ in range(have[j] - (j in wanted))),
+        )
+        return now if now.replace or now.touches_jumps else None
 
     @property
     def repairs_nat(self) -> bool:  # type: ignore[override]

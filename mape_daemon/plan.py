@@ -42,6 +42,7 @@ def diff_firewall(desired: State, have: State) -> list[FirewallChange]:
             # Extra copies of a wanted jump go too: each traversal would run our chain again.
             del_jumps=tuple(sorted(j for j, n in have_jumps.items() for _ in range(n - 1 if j in want_jumps else n))),
             why=tuple(_chain_why(there.get(c.name)) for c in replace),
+            keep_jumps=tuple(sorted(j for j, n in have_jumps.items() if n > 1 and j in want_jumps)),
         )
         if change.replace or change.delete or change.add_jumps or change.del_jumps:
             changes.append(change)

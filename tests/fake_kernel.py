@@ -158,6 +158,12 @@ class FakeKernel:
     def _firewall(self, action: FirewallChange) -> None:
         if self._backend_now == "nftables":
             raise RuntimeError(f"the nftables backend has no iptables chains to change: {action}")
+        if action.touches_jumps:  # as the real adapter: pruned against the table as it is
+            chains, jumps = self.iptables.observe()
+            action = action.against((c.name for c in chains if c.table == action.table),
+                                    [j for j in jumps if j.table == action.table])  # fmt: skip
+            if action is None:
+                return
         self.iptables.apply(action)
 
     def _nft(self, action: NftChange) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
+from dataclasses import replace
 from ipaddress import IPv6Address
 from pathlib import Path
 
@@ -168,6 +170,36 @@ def test_duplicate_jump_is_removed_once():
     doubled = type(state)(**{**state.__dict__, "jumps": (*state.jumps, jump)})
     (change,) = diff(state, doubled).actions
     assert change.del_jumps == (jump,) and not change.replace and not change.add_jumps
+
+
+def after(change, chains, jumps):
+    """A table's (chain names, jumps) once `change` is applied to it: what iptables-restore does."""
+    names = (set(chains) - set(change.delete)) | {c.name for c in change.replace}
+    left = list(jumps)
+    for j in change.del_jumps:
+        left.remove(j)  # a -D of a jump that is not there fails the whole transaction
+    return names, [*change.add_jumps, *left]
+
+
+def test_a_firewall_change_applied_again_changes_nothing_and_keeps_one_copy_of_a_doubled_jump():
+    """Before: a retry of the same change (its answer lost) failed on -D of what was gone or
+    added our jump a second time. Pruned against the table as it is, it is a no-op."""
+    state = desired.build(parse(BASE), OCN)
+    jump = next(j for j in state.jumps if j.table == "nat")
+    stale = Jump("nat", "POSTROUTING", "-o ip6tnl9 -j MAPE-SNAT")
+    nat = [c for c in state.chains if c.table == "nat"]
+    for have_jumps in ([], [jump, jump, jump, stale], [stale, stale]):
+        others = tuple(j for j in state.jumps if j.table != "nat") + tuple(have_jumps)
+        have = replace(state, chains=frozenset(c for c in state.chains if c.table != "nat"), jumps=others)
+        (change,) = [a for a in diff(state, have).actions if isinstance(a, FirewallChange)]
+        names, jumps = after(change, [], have_jumps)
+        assert Counter(jumps) == {jump: 1} and names == {c.name for c in nat}
+        again = change.against(names, jumps)
+        assert again is not None and again.replace == change.replace  # rewriting whole chains is safe
+        assert not again.touches_jumps, again
+        assert after(again, names, jumps) == (names, jumps)
+    gone = FirewallChange("nat", delete=("MAPE-OLD",), del_jumps=(stale,))
+    assert gone.against(["MAPE-OLD"], [stale]) == gone and gone.against([], []) is None
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import contextlib
 import errno
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -52,7 +52,7 @@ class IptablesChains(Protocol):
     def normalize(
         self, chains: frozenset[Chain], jumps: tuple[Jump, ...]
     ) -> tuple[frozenset[Chain], tuple[Jump, ...]]: ...
-    def observe(self) -> tuple[frozenset[Chain], tuple[Jump, ...]]: ...
+    def observe(self, tables: Iterable[str] = ...) -> tuple[frozenset[Chain], tuple[Jump, ...]]: ...
     def apply(self, change: FirewallChange) -> None: ...
     def committed(self, pid: int) -> bool: ...
 
@@ -176,9 +176,8 @@ class LinuxKernel:
         (nft, iptables-nft, firewalld, us), moves the generation. While it stands still the last
         reading is still true, so a sync that changes nothing forks no iptables-save and lists
         no table. Legacy iptables chains live outside nf_tables and are read every time."""
-        netns = os.stat("/proc/thread-self/ns/net").st_ino  # one LinuxKernel may serve several (tests)
         gen = current_generation()
-        key = (netns, gen) if gen is not None else None
+        key = (self._netns(), gen) if gen is not None else None
         seen, fw = self._netfilter_seen, self.chains
         if key is not None and seen is not None and seen[0] == key:
             chains, jumps, nft = seen[1]
@@ -189,6 +188,10 @@ class LinuxKernel:
         reading = (chains, jumps, self.nft.observe())
         self._netfilter_seen = (key, reading) if key is not None else None
         return reading
+
+    @staticmethod
+    def _netns() -> int:
+        return os.stat("/proc/thread-self/ns/net").st_ino  # one LinuxKernel may serve several (tests)
 
     def normalize(self, state: State) -> State:
         if self.chains is None:
@@ -218,7 +221,24 @@ class LinuxKernel:
     def _firewall(self, change: FirewallChange) -> None:
         if self.chains is None:
             raise RuntimeError(f"the nftables backend has no iptables chains to change: {change}")
+        if change.touches_jumps:  # iptables-restore would fail on a -D of what is gone, or add a jump twice
+            chains, jumps = self._chains_now(change.table)
+            pruned = change.against((c.name for c in chains), jumps)
+            if pruned is None:
+                return
+            change = pruned
         self.chains.apply(change)
+
+    def _chains_now(self, table: str) -> tuple[frozenset[Chain], tuple[Jump, ...]]:
+        """Our chains and jumps in `table` as they are: the session's reading while the nf_tables
+        generation stands still (no fork), else one table read again."""
+        assert self.chains is not None
+        seen, gen = self._netfilter_seen, current_generation()
+        if seen is not None and gen is not None and self.chains.in_nf_tables and seen[0] == (self._netns(), gen):
+            chains, jumps, _ = seen[1]
+        else:
+            chains, jumps = self.chains.observe([table])
+        return frozenset(c for c in chains if c.table == table), tuple(j for j in jumps if j.table == table)
 
     def _conntrack(self, c: ConntrackCleanup) -> None:
         self._net_writes += 1
