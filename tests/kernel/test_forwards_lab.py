@@ -57,11 +57,22 @@ def test_a_forward_is_reachable_a_router_service_is_not_and_snat_never_uses_its_
     assert not reach(lab, ce.ipv4, fwd).startswith("error")
 
 
-def test_native_ipv6_is_never_closed(lab, tmp_path):
+def test_closed_inbound_passes_native_ipv6_and_the_icmp_errors_of_our_flows(lab, tmp_path):
+    """Before: "native IPv6 is never closed" only looked for a table name with ip6 in it, and
+    nothing showed that ICMP errors of our own flows pass the closed policy (without them a path
+    MTU black hole or a hung connect). Now: a real IPv6 connection to the router's WAN address,
+    and a port-unreachable from the internet back to a LAN client through the tunnel."""
+    ce = lab.ce_params()
+    lab.br_add_ce(ce)
+    port = sorted(ce.ports())[80]
+    lab.pids.append(spawn(lab.ce, traffic.serve, str(tmp_path / "router.jsonl"), "::", port))  # IPv4 and IPv6
     apply_once(lab, tmp_path, CONFIG + '[firewall]\nbackend = "nftables"\n')
-    table = sh(lab.ce, "nft", "list", "table", "ip", "mape")
-    assert "chain in-closed" in table
-    assert "ip6" not in sh(lab.ce, "nft", "list", "tables").replace("ip mape", "")
+    assert "chain in-closed" in sh(lab.ce, "nft", "list", "table", "ip", "mape")
+    assert reach(lab, ce.ipv4, port).startswith("error")  # the router's service over IPv4: closed
+    wan6 = next(a["address"] for a in lab.wan_addresses() if not (a["deprecated"] or a["tentative"]))
+    answer = call(lab.isp, traffic.tcp_sequential, wan6, 1, port, 3)[0]
+    assert not answer.startswith("error"), answer  # the same service over native IPv6: open
+    assert call(lab.lan, traffic.udp_refused, SERVER, 9)  # the server's ICMP error came back to the LAN
 
 
 def test_renumbering_moves_a_forward_with_the_set_or_reports_it(lab, tmp_path):

@@ -232,10 +232,14 @@ class Lab:
             f"0>>22&0x3C@0>>16&{mask:#x}={val:#x}",
             (f"0>>22&0x3C@4>>16&{mask:#x}={val:#x}"),
         )
+        # An ICMP error is the CE's by the source port of the packet it quotes (RFC 7597 section 8).
+        quoted = f"0>>22&0x3C@8>>22&0x3C@8>>16&{mask:#x}={val:#x}"
         lines = [
             "*mangle",
             *(f"-A PREROUTING -i inet0 -d {ce.ipv4} -p {p} -m u32 --u32 {u} -j MARK --set-mark {mark}"
               for p, u in (("tcp", dport), ("udp", dport), ("icmp", icmp_id))),
+            *(f"-A PREROUTING -i inet0 -d {ce.ipv4} -p icmp --icmp-type {t} -m u32 --u32 {quoted} "
+              f"-j MARK --set-mark {mark}" for t in ("destination-unreachable", "time-exceeded")),
             "COMMIT",
             "*filter",
             f":{chain} - [0:0]",

@@ -26,11 +26,12 @@ def serve(log_path: str, address: str = "0.0.0.0", tcp_port: int = TCP_PORT) -> 
         log.write(json.dumps(event) + "\n")
 
     sel = selectors.DefaultSelector()
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET  # "::" listens on IPv4 too
+    tcp = socket.socket(family, socket.SOCK_STREAM)
     tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     tcp.bind((address, tcp_port))
     tcp.listen(4096)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp = socket.socket(family, socket.SOCK_DGRAM)
     udp.bind((address, UDP_PORT))
     icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)  # sees copies of echo requests
     for s in (tcp, udp, icmp):
@@ -39,12 +40,12 @@ def serve(log_path: str, address: str = "0.0.0.0", tcp_port: int = TCP_PORT) -> 
         for key, _ in sel.select():
             s = key.fileobj
             if s is tcp:
-                conn, (ip, port) = tcp.accept()
+                conn, (ip, port, *_) = tcp.accept()
                 record(proto="tcp", src=ip, sport=port, dst=conn.getsockname()[0])
                 conn.sendall(f"{ip} {port}\n".encode())
                 sel.register(conn, selectors.EVENT_READ)  # held open until the client closes
             elif s is udp:
-                _, (ip, port) = udp.recvfrom(2048)
+                _, (ip, port, *_) = udp.recvfrom(2048)
                 record(proto="udp", src=ip, sport=port)
                 with contextlib.suppress(OSError):  # a source it cannot answer (not NATed) must not stop it
                     udp.sendto(f"{ip} {port}\n".encode(), (ip, port))
@@ -116,6 +117,22 @@ def udp_query(dst: str, port: int = UDP_PORT, timeout: float = 3) -> str:
             return s.recv(100).decode().strip()
         except OSError as e:
             return f"error: {e}"
+
+
+def udp_refused(dst: str, port: int, timeout: float = 3) -> bool:
+    """A datagram to a closed port: True once the ICMP port-unreachable has come back (the
+    connected socket's receive is refused), False if nothing came."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.connect((dst, port))
+        s.send(b"anyone?")
+        try:
+            s.recv(100)
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+        return False
 
 
 def udp_from_port(dst: str, sport: int, port: int = UDP_PORT) -> None:
