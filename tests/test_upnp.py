@@ -185,6 +185,20 @@ def test_the_service_keeps_miniupnpd_in_step_and_says_a_failure_once(tmp_path, c
     state = json.loads((tmp_path / "state" / "state.json").read_text())
     conf = tmp_path / "run" / "miniupnpd.conf"
     assert state["upnp"] == {"file": str(conf), "offering": "153.240.72.209", "problem": None}
+
+    # An edit of the user's own miniupnpd settings, applied by a reload (or the next sync).
+    base = tmp_path / "base.conf"
+    base.write_text(USER_CONF.replace("listening_ip=lan0", "listening_ip=br0"))
+    s.reload()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "mape-daemon"):
+        assert asyncio.run(s.sync_once("reload"))
+    said = [r.getMessage() for r in caplog.records if getattr(r, "MAPE_EVENT", "") == "upnp"]
+    assert said == [f"miniupnpd restarted, its config changed (153.240.72.209): {s.config.upnp.restart}"], said
+    assert "listening_ip=br0" in conf.read_text() and "listening_ip=lan0" not in conf.read_text()
+    with caplog.at_level(logging.INFO, "mape-daemon"):
+        assert asyncio.run(s.sync_once("periodic"))  # nothing changed since: no restart
+    assert said == [r.getMessage() for r in caplog.records if getattr(r, "MAPE_EVENT", "") == "upnp"]
     assert asyncio.run(s.stop()) == 0
     assert conf.read_text().startswith(upnp.CLOSED)  # the mapping gone with the tunnel: nothing granted
 
