@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.kernel.conftest import running_lab
@@ -26,20 +27,39 @@ def repairs() -> list[str]:
     return [line for line in journal("-o", "cat").splitlines() if "it was missing" in line]
 
 
-def act(action: list[str], settle: float = 15) -> bool:
-    """Run a manager's `action`; True (with what it removed and the latency printed) when it removed
-    some of our state and the daemon restored it, False when our state came through untouched."""
-    n = len(repairs())
+def synced_after(what: str) -> None:
+    """Ask the daemon for a sync (SIGHUP) and wait until one that started after asking is done:
+    whatever a manager removed before now is repaired, and said, by then."""
+    t = time.time()
+    run("systemctl", "reload", "mape-daemon")
+    wait_for(lambda: status().get("last_sync", 0) > t, 60, f"the daemon's sync after {what}")
+
+
+def act(action: list[str], removes: bool, settled: Callable[[], object] = lambda: True) -> None:
+    """Run a manager's `action`. When it `removes` our state, wait for the repair (its lines name
+    what was missing, the latency printed: a figure, not an assertion). Either way, once
+    `settled` says the manager is done, a sync asked for after that says whether anything of ours
+    had gone: it must match `removes`."""
+    n, what = len(repairs()), " ".join(action)
     t0 = time.monotonic()
     run(*action)
-    while time.monotonic() < t0 + settle and len(repairs()) == n:
-        time.sleep(0.2)
-    took = time.monotonic() - t0
-    time.sleep(1)  # the rest of one removal's repairs
+    if removes:
+        wait_for(lambda: len(repairs()) > n, 60, f"the repair after {what}")
+        print(f"{what}: restored {time.monotonic() - t0:.2f} s later")
+    wait_for(settled, 60, f"the manager done with {what}")
+    synced_after(what)
     new = repairs()[n:]
-    print(f"{' '.join(action)}: " + (f"restored {took:.2f} s later: {'; '.join(new)}" if new
-                                     else "our state left alone"))  # fmt: skip
-    return bool(new)
+    print(f"{what}: " + ("; ".join(new) or "our state left alone"))
+    assert bool(new) == removes, (what, new)
+
+
+def nm_running() -> bool:
+    return run("nmcli", "-t", "-f", "RUNNING", "general", check=False).strip() == "running"
+
+
+def configured() -> bool:
+    """networkd is done with both links (one it is still configuring says "configuring")."""
+    return all("configured" in run("networkctl", "status", link, check=False) for link in ("wan0", "lan0"))
 
 
 def keyfile(path: Path, text: str) -> None:
@@ -83,18 +103,16 @@ def test_networkmanager_reapply_flap_a_stray_profile_and_its_pppoe(package, tmp_
             start_service()  # first, on the kernel's own SLAAC address: NM then takes over a WAN with our /128
             checks.data_path(lab, ce, chain)
             run("systemctl", "unmask", "NetworkManager.service")
-            removed = [act(["systemctl", "start", "NetworkManager.service"], settle=30)]  # N1
-            removed += [act(["nmcli", "con", "up", "wan"], settle=30)]  # NM takes the WAN over
+            act(["systemctl", "start", "NetworkManager.service"], False, nm_running)  # N1: a configured WAN is left
+            act(["nmcli", "con", "up", "wan"], True)  # NM takes the WAN over, and drops our /128 doing so
             wait_for(lambda: [a for a in lab.wan_addresses() if not a["tentative"]], 60, "NM's SLAAC address")
             checks.data_path(lab, ce, chain)
             before = checks.foreign(None)
             rules = (sh(None, "ip", "rule"), sh(None, "ip", "route", "show", "table", "10"))
-            removed += [act(a) for a in (
-                ["nmcli", "device", "reapply", "wan0"],
-                ["sh", "-c", "ip link set wan0 down && ip link set wan0 up"],
-                ["sh", "-c", "nmcli con down wan && nmcli con up wan"],
-            )]  # fmt: skip
-            assert any(removed), "NetworkManager never removed our /128: the precondition was not shown"
+            for action in (["nmcli", "device", "reapply", "wan0"],
+                           ["sh", "-c", "ip link set wan0 down && ip link set wan0 up"],
+                           ["sh", "-c", "nmcli con down wan && nmcli con up wan"]):  # fmt: skip
+                act(action, True)  # each configures the WAN again: addresses NM did not make go
             assert ce.ce_draft03 in sh(None, "ip", "-6", "addr", "show", "dev", "wan0")
             assert run("nmcli", "-g", "GENERAL.STATE", "device", "show", "ip6tnl1").strip() == "10 (unmanaged)"
             assert status()["managers"]["networkmanager"] == {"wan": True, "tunnel": False}
@@ -159,17 +177,12 @@ def test_networkd_reconfigure_restart_opt_in_and_a_catch_all(package, tmp_path, 
             start_service()  # first: networkd then configures links where our state already is
             checks.data_path(lab, ce, chain)
             run("systemctl", "unmask", "systemd-networkd.service", "systemd-networkd.socket")  # the lab masks it
-            removed = [act(["systemctl", "start", "systemd-networkd.service"], settle=30)]  # S1
-            for link in ("wan0", "lan0"):
-                wait_for(lambda link=link: "configured" in run("networkctl", "status", link, check=False), 60, link)
+            act(["systemctl", "start", "systemd-networkd.service"], True, configured)  # S1
             checks.data_path(lab, ce, chain)
             before = checks.foreign(None)
-            removed += [act(a) for a in (
-                ["networkctl", "reload"],
-                ["networkctl", "reconfigure", "wan0"],
-                ["systemctl", "restart", "systemd-networkd.service"],
-            )]  # fmt: skip
-            assert any(removed), "networkd never removed our rules: the precondition was not shown"
+            act(["networkctl", "reload"], False, configured)  # unchanged files: nothing is configured
+            act(["networkctl", "reconfigure", "wan0"], True, configured)
+            act(["systemctl", "restart", "systemd-networkd.service"], True, configured)
             assert "proto 203" in sh(None, "ip", "rule")
             checks.data_path(lab, ce, chain)
 
@@ -189,14 +202,11 @@ def test_networkd_reconfigure_restart_opt_in_and_a_catch_all(package, tmp_path, 
             (NETWORK / "10-wan.network").write_text((NETWORK / "10-wan.network").read_text()
                                                     + "KeepConfiguration=static\n")  # fmt: skip
             run("systemctl", "restart", "systemd-networkd.service")
-            wait_for(lambda: "configured" in run("networkctl", "status", "wan0", check=False), 60, "networkd back")
-            time.sleep(3)
-            quiet = len(repairs())
-            run("networkctl", "reconfigure", "wan0")
-            run("systemctl", "restart", "systemd-networkd.service")
-            wait_for(lambda: "configured" in run("networkctl", "status", "wan0", check=False), 60, "networkd back")
-            time.sleep(3)  # room for a removal to show, had there been one
-            assert repairs()[quiet:] == []  # networkd may still drop its own SLAAC address: the hold-down covers it
+            wait_for(configured, 60, "networkd back")
+            synced_after("networkd's restart with the opt-in")
+            # networkd may still drop its own SLAAC address: the hold-down covers it.
+            act(["networkctl", "reconfigure", "wan0"], False, configured)
+            act(["systemctl", "restart", "systemd-networkd.service"], False, configured)
             checks.data_path(lab, ce, chain)
             assert checks.foreign(None)["rules"] == before["rules"]
         finally:
