@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.lab import traffic
 from tests.lab.daemon import Daemon
-from tests.lab.netns import running, sh
+from tests.lab.netns import call, running, sh
 from tests.lab.topo import SERVER, wait_for
 
 CONFIG = '[wan]\ninterface = "wan0"\n[lan]\ninterfaces = ["lan0"]\n[pppoe]\n'
@@ -164,3 +164,40 @@ def assert_converged_once(lab, ce) -> None:
     routes = sh(lab.ce, "ip", "route", "show", "table", "all", "proto", "203").splitlines()
     assert sorted(r.split(" proto")[0].strip() for r in routes) == [
         "default dev ip6tnl1", "unreachable default table 10 metric 4294967295"], routes  # fmt: skip
+
+
+def test_on_iptables_legacy_the_minute_sync_finds_a_flush_and_a_backend_change_waits_for_a_foreign_jump(lab, tmp_path):
+    """README: legacy iptables sends no event when someone runs `iptables -F`, so the full sync
+    runs every 60 s there (not every 15 minutes): the flush is repaired by it, and only by it.
+    Then a reload to iptables-nft must remove our legacy chains first; while a user's rule jumps
+    into one of them that removal is refused, the old state is put back whole and keeps serving,
+    and once the rule is gone the retried reload moves everything (fake-only before)."""
+    ce = lab.ce_params()
+    chain = lab.br_add_ce(ce)
+    d = Daemon(lab, tmp_path, CONFIG + '[firewall]\nbackend = "iptables-legacy"\n').start()
+    legacy = lambda: sh(lab.ce, "iptables-legacy-save", "-t", "nat")  # noqa: E731
+    try:
+        wait_for(d.synced_by_me, 120, "the first sync")
+        sh(lab.ce, "iptables-legacy", "-t", "nat", "-F")
+        assert "-j MAPE-SNAT" not in legacy()  # our jump and rules gone
+        wait_for(lambda: "SNAT dispatch (MAPE-SNAT) restored" in d.text(), 90, "the periodic sync's repair")
+        d.wait_state("repairs", {"periodic": 1})
+        assert call(lab.lan, traffic.tcp_sequential, SERVER, 1)[0].split()[0] == ce.ipv4
+
+        foreign = ("POSTROUTING", "-o", "lan0", "-j", "MAPE-SNAT")
+        sh(lab.ce, "iptables-legacy", "-t", "nat", "-A", *foreign)
+        d.cfg.write_text(CONFIG + '[firewall]\nbackend = "iptables-nft"\n')
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "the old config stays and the reload is retried" in d.text(), 60, "the refused reload")
+        wait_for(lambda: d.state().get("ok"), 60, "the old state put back")
+        assert legacy().count(f"--to-source {ce.ipv4}:") == 189 and "MAPE-" not in sh(lab.ce, "iptables-nft-save")
+        assert call(lab.lan, traffic.tcp_sequential, SERVER, 1)[0].split()[0] == ce.ipv4
+
+        sh(lab.ce, "iptables-legacy", "-t", "nat", "-D", *foreign)
+        wait_for(lambda: "MAPE-" not in legacy() and "MAPE-SNAT" in sh(lab.ce, "iptables-nft-save", "-t", "nat"),
+                 120, "the retried reload")  # fmt: skip
+        wait_for(lambda: d.state().get("ok"), 60, "the sync after the move")
+        assert call(lab.lan, traffic.tcp_sequential, SERVER, 1)[0].split()[0] == ce.ipv4
+        assert lab.br_dropped(chain) == 0
+    finally:
+        assert d.stop() == 0, d.text()

@@ -115,7 +115,16 @@ def test_v6plus_240_concurrent_connections_to_one_server_port(tmp_path, request,
         assert not failed, (len(failed), failed[:3])
         ports = [int(a.split()[1]) for a in answers]
         assert len(set(ports)) == 240 and set(ports) == ce.ports()
-        assert lab.br_dropped(chain) == 0
+        # MSS clamped to the tunnel's path MTU (1460 - 40): the LAN client's SYN offered 1460.
+        seen = [e["mss"] for e in traffic.read_log(lab.server_log) if e["proto"] == "tcp"]
+        assert seen and max(seen) <= 1420, Counter(seen)
+        # Without [pppoe] a protocol without ports (GRE) is dropped at the tunnel and counted.
+        call(lab.lan, traffic.raw_send, SERVER, 47, 3)
+        if backend == "nftables":
+            assert nft_counter(lab, "fwd-out", "drop") == 3
+        else:
+            assert packets(lab, "filter", "MAPE-FWD", "DROP") == 3
+        assert lab.br_dropped(chain) == 0  # nothing of it reached the BR
 
 
 @pytest.mark.parametrize("backend", ["iptables-nft", "nftables"])

@@ -41,7 +41,8 @@ def serve(log_path: str, address: str = "0.0.0.0", tcp_port: int = TCP_PORT) -> 
             s = key.fileobj
             if s is tcp:
                 conn, (ip, port, *_) = tcp.accept()
-                record(proto="tcp", src=ip, sport=port, dst=conn.getsockname()[0])
+                mss = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)  # what the client's SYN allowed
+                record(proto="tcp", src=ip, sport=port, dst=conn.getsockname()[0], mss=mss)
                 conn.sendall(f"{ip} {port}\n".encode())
                 sel.register(conn, selectors.EVENT_READ)  # held open until the client closes
             elif s is udp:

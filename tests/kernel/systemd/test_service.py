@@ -16,7 +16,11 @@ from tests.kernel.conftest import running_lab
 from tests.kernel.systemd.conftest import CONF, CONFIG, active, journal, run, show, use_namespace
 from tests.lab import traffic
 from tests.lab.netns import call, sh
-from tests.lab.topo import SERVER, wait_for
+from tests.lab.topo import LAN_CLIENT, SERVER, wait_for
+
+
+def records_now() -> list[dict]:
+    return [json.loads(line) for line in journal("-o", "json").splitlines()]
 
 
 def test_a_kernel_without_ip6tnl_fails_once_with_69_and_no_restart_loop(package, tmp_path):
@@ -73,10 +77,34 @@ def test_package_installs_starts_reloads_logs_and_stops_clean(package, tmp_path,
             repair = [r for r in records if r.get("MAPE_EVENT") == "repair"]
             assert repair and repair[0]["MAPE_CAUSE"] == "event" and "ip6tnl1" in repair[0]["MESSAGE"]
             assert repair[0]["MESSAGE"].startswith("tunnel ip6tnl1")  # the level is PRIORITY, not "INFO:mape-daemon:"
+            assert repair[0]["MAPE_TRIGGER"] == "netlink" and start[0]["MAPE_PREFIX"] == ce.prefix56
+
+            # Another program's default in our slot (pppd's replacedefaultroute): a conflict, said
+            # once, and "conflict resolved" when it goes (our route back).
+            sh(lab.ce, "ip", "route", "replace", "default", "via", LAN_CLIENT, "dev", "lan0", "metric", "0")
+            wait_for(lambda: "conflict: route slot taken" in journal(), 60, "the conflict")
+            sh(lab.ce, "ip", "route", "del", "default", "via", LAN_CLIENT, "dev", "lan0", "metric", "0")
+            wait_for(lambda: "conflict resolved: route slot taken" in journal(), 60, "the conflict resolved")
+            assert "proto 203" in sh(lab.ce, "ip", "route", "show", "default")
+
+            # The WAN prefix gone: held, then torn down when the default 10 s hold-down ends, and a
+            # prefix-change when it is back.
+            sh(lab.ce, "ip", "link", "set", "wan0", "down")
+            wait_for(lambda: "MAP-E off" in journal(), 60, "the end of the hold-down")
+            sh(lab.ce, "ip", "link", "set", "wan0", "up")
+            wait_for(lambda: any(r.get("MAPE_EVENT") == "prefix-change" for r in records_now()), 120, "the prefix back")
         finally:
             run("systemctl", "stop", "mape-daemon", check=False)
         assert active() == "inactive" and show("ExecMainStatus") == "0"
         assert "stopped: removed" in journal()
+        said = {e: [r for r in records_now() if r.get("MAPE_EVENT") == e] for e in
+                ("conflict", "hold", "teardown", "prefix-change", "stop")}  # fmt: skip
+        assert [r["MESSAGE"].split(":")[0] for r in said["conflict"]] == ["conflict", "conflict resolved"], said
+        assert len(said["hold"]) == 1 and "prefix gone from wan0" in said["hold"][0]["MESSAGE"]
+        assert said["teardown"][0]["MAPE_CAUSE"] == "hold-down" and "MAP-E off" in said["teardown"][0]["MESSAGE"]
+        back = said["prefix-change"][0]
+        assert (back["MAPE_CAUSE"], back["MAPE_TRIGGER"], back["MAPE_PREFIX"]) == ("event", "netlink", ce.prefix56)
+        assert said["stop"] and said["stop"][-1]["MAPE_CAUSE"] == "stop"
         assert "ip6tnl1" not in sh(lab.ce, "ip", "link")
         assert "MAPE-" not in sh(lab.ce, "iptables-save")
 
