@@ -27,7 +27,7 @@ from mape_daemon.config import parse
 from mape_daemon.kernel.netfilter_restore import restore_script
 from mape_daemon.mapcalc import compute
 from mape_daemon.plan import diff_firewall
-from mape_daemon.state import NOTHING, State
+from mape_daemon.state import NOTHING
 from tests.lab import traffic
 from tests.lab.netns import call, setns, sh, spawn
 
@@ -73,14 +73,17 @@ class Topology:
         for ns in (self.client, self.router, self.server):
             sh(None, "ip", "netns", "del", ns, check=False)
 
-    def nat(self, text: str) -> None:
-        """Only this NAT on the router: an iptables nat table (restore text) or an nft script."""
-        sh(self.router, "iptables-nft-restore", input="*nat\nCOMMIT\n")
+    def nat(self, text: str | tuple[str, str]) -> None:
+        """Only this NAT on the router: an iptables restore text, an nft script, or both (the
+        iptables-nft backend's whole state: its chains in every table and its companion table)."""
+        for table in ("nat", "mangle", "filter"):
+            sh(self.router, "iptables-nft-restore", input=f"*{table}\nCOMMIT\n")
         sh(self.router, "nft", "delete", "table", "ip", "mape", check=False)
-        if text.startswith("*"):
-            sh(self.router, "iptables-nft-restore", input=text)
-        else:
-            sh(self.router, "nft", "-f", "-", input=text)
+        for part in (text,) if isinstance(text, str) else text:
+            if part.startswith("*"):
+                sh(self.router, "iptables-nft-restore", input=part)
+            elif part:
+                sh(self.router, "nft", "-f", "-", input=part)
 
     def served_since(self, mark: int) -> list[dict]:
         return traffic.read_log(Path(f"/tmp/{self.server}.jsonl"))[mark:]
@@ -95,13 +98,12 @@ def bench_config():
     return parse('[wan]\ninterface = "wan0"\n[tunnel]\nname = "r1"\n')
 
 
-def snat_table(p) -> str:
-    """Our nat chains for `p` (iptables-nft backend), as one iptables-restore of the nat table."""
+def snat_table(p) -> tuple[str, str]:
+    """Everything the iptables-nft backend writes for `p`: its chains in every table (one
+    iptables-restore text) and its companion nft table (guard, inbound policy), as the daemon
+    writes them: the same rule set as the nftables backend's one table."""
     want = desired.build(bench_config(), p)
-    nat = State(chains=frozenset(c for c in want.chains if c.table == "nat"),
-                jumps=tuple(j for j in want.jumps if j.table == "nat"))  # fmt: skip
-    (change,) = diff_firewall(nat, NOTHING)
-    return restore_script(change)
+    return "".join(restore_script(change) for change in diff_firewall(want, NOTHING)), want.nft or ""
 
 
 def native_table(p) -> str:
@@ -199,7 +201,10 @@ def run() -> list[dict]:
             "iptables-nft": (snat_table(ocn), in_set),
             "nftables": (native_table(ocn), in_set),
         })  # fmt: skip
-        for backend, what in (("iptables-nft", "MAPE-SNAT chains, 189 rules"), ("nftables", "one numgen map rule")):
+        for backend, what in (
+            ("iptables-nft", "MAPE-* chains in every table, 189 SNAT rules, and the guard's table"),
+            ("nftables", "our whole table, one numgen map rule"),
+        ):
             rows.append({"name": f"new TCP connections/s, {backend} ({what}), {os.cpu_count()} parallel clients",
                          "where": WHERE, "value": r[backend], "unit": "conn/s", "baseline": r["masquerade"],
                          "baseline_name": "one MASQUERADE rule", "ratio_to_baseline": r[backend] / r["masquerade"],
