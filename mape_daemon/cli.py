@@ -14,6 +14,7 @@ from . import maprules
 from .config import DEFAULT_PATH, Config, ConfigError, load
 from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_USAGE, CannotRunHere, MapeError
 from .mapcalc import IidLayout, MapParams, MappingError, MapRule, compute, nearest, range_text
+from .prefix import source_text
 from .statefile import NAME, STATE_DIR, DaemonState
 
 
@@ -200,8 +201,7 @@ def describe_selection(result_or_computed) -> str:
         return f"no MAP-E parameters: {sel.reason}"
     p = sel.params
     isp = maprules.ISP_NAMES.get(p.rule.isp or "", "explicit rule")
-    src = sel.source.address if sel.source else "the held prefix"
-    return f"{isp}: {p.ipv4} psid {p.psid}, {p.ports} ports, CE {p.ce_ipv6} (from {src})"
+    return f"{isp}: {p.ipv4} psid {p.psid}, {p.ports} ports, CE {p.ce_ipv6} (from {source_text(sel)})"
 
 
 def config_path(args: argparse.Namespace) -> str:

@@ -109,6 +109,9 @@ class IspConfig(Model):
 
 class WanConfig(Model):
     interface: IfName
+    prefix_from: Literal["auto", "slaac", "pd"] = Field(
+        default="auto", description="where the prefix comes from: the WAN's SLAAC addresses, a DHCPv6-PD delegation, "
+        "or both (auto: a delegation first)")  # fmt: skip
 
 
 class LanConfig(Model):

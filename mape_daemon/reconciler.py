@@ -162,7 +162,7 @@ class Reconciler:
         if teardown or cfg is None:
             selection, want = Selection(None, reason="teardown"), NOTHING
         else:
-            selection = select(cfg, obs.wan, ours={a for _, a in rec.addresses})
+            selection = select(cfg, obs.wan, ours={a for _, a in rec.addresses}, delegated=obs.delegated)
             selection, recheck = self._hold(selection)
             if selection.params is not None:
                 try:

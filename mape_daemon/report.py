@@ -61,9 +61,13 @@ def describe(result: SyncResult, cause: str) -> list[Line]:
         return [Line("teardown", f"MAP-E off: {result.selection.reason} ({what}); removed {len(actions)} object(s)")]
     mapped = f"{p.rule.isp or 'explicit rule'} {p.ipv4} psid {p.psid}, {p.ports} ports"
     if prev is None:
-        src = result.selection.source.address if result.selection.source else str(p.end_user_prefix)
+        sel = result.selection
+        src = sel.source.describe() if sel.source else str(p.end_user_prefix)
         event = "start" if cause == "start" else "prefix-change"
-        return [Line(event, f"mapped: {mapped} (prefix {p.end_user_prefix} from {src}); set up {summary(actions)}")]
+        lines = [Line(event, f"mapped: {mapped} (prefix {p.end_user_prefix} from {src}); set up {summary(actions)}")]
+        if sel.passed_over:
+            lines.append(Line(event, f"not used: {sel.passed_over} (wan.prefix_from = auto takes a delegation first)"))
+        return lines
     if (prev.ipv4, prev.psid) != (str(p.ipv4), p.psid) or prev.prefix != str(p.end_user_prefix):
         old = f"{prev.prefix} {prefix_state(prev.prefix, result)}" if prev.prefix != str(p.end_user_prefix) else ""
         text = (f"moved to {p.ipv4} psid {p.psid} (prefix {p.end_user_prefix} announced"

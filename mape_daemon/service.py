@@ -30,6 +30,7 @@ from .config import Config, load
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, CannotRunHere
 from .events import IPTABLES_NFT_TABLES, OUR_TABLES, Events
 from .journal import SyncJournal, fields, notify, setup_logging, status_line
+from .prefix import source_text
 from .reconciler import Reconciler
 from .record import RecordFile, exclusive
 from .reloads import ConfigSwitch
@@ -209,6 +210,7 @@ class Service:
             last_change_seconds=self.last_change_seconds,
             held=result.selection.held,
             prefix=str(p.end_user_prefix) if p else None,
+            prefix_from=source_text(result.selection),
             isp=p.rule.isp if p else None,
             rule=str(p.rule.ipv6_prefix) if p else None,
             ipv4=str(p.ipv4) if p else None,

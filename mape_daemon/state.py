@@ -219,7 +219,9 @@ NOTHING = State()
 
 @dataclass(frozen=True)
 class WanAddress:
-    """A global IPv6 address on the WAN, as the kernel reports it."""
+    """Where a prefix can come from: a global IPv6 address on the WAN as the kernel reports it
+    (`origin` "slaac"), or a prefix delegated to this router by DHCPv6-PD ("pd": `address` is the
+    prefix's first address, seen as the DHCPv6 client's unreachable route for the delegation)."""
 
     address: str
     prefixlen: int
@@ -227,6 +229,12 @@ class WanAddress:
     tentative: bool
     ours_shape: bool  # a /128 with nodad and noprefixroute: how we add the CE address
     preferred_lft: int = 0xFFFFFFFF  # seconds; the most recently announced prefix has the longest
+    origin: str = "slaac"
+
+    def describe(self) -> str:
+        if self.origin == "pd":
+            return f"the delegated prefix {self.address}/{self.prefixlen} (DHCPv6-PD)"
+        return f"{self.address} (the WAN's address)"
 
 
 @dataclass(frozen=True)
@@ -245,6 +253,7 @@ class Observed:
     links: dict[str, str]  # every interface name -> its kind ("" for a plain device)
     carriers: frozenset[str]  # interfaces that can carry IPv4 now: up, running, with an IPv4 address
     wan: tuple[WanAddress, ...]  # the WAN's global IPv6 addresses
+    delegated: tuple[WanAddress, ...]  # prefixes delegated to this router (DHCPv6-PD), origin "pd"
     tunnels: dict[str, Tunnel]  # every ip6tnl (ours or not), by name
     addresses: frozenset[Address]  # recorded CE /128s that are there, and IPv4 addresses on asked tunnels
     routes: frozenset[Route]  # ours (protocol 203), in every table

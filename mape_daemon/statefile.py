@@ -29,6 +29,7 @@ class DaemonState:
     last_change_seconds: float | None = None  # how long the last sync that changed something took
     held: bool = False  # the prefix is gone and the last mapping is held (flap hold-down)
     prefix: str | None = None
+    prefix_from: str | None = None  # what it was taken from: the WAN's address or the delegation (and what not)
     isp: str | None = None
     rule: str | None = None
     ipv4: str | None = None

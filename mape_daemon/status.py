@@ -76,6 +76,7 @@ def to_text(s: dict[str, Any]) -> str:
     t = s["tunnel"]
     lines = [
         f"prefix:     {s['prefix'] or '-'}  ({s.get('reason') or 'ok'})",
+        *([f"from:       {s['prefix_from']}"] if s.get("prefix_from") else []),
         f"ISP/rule:   {s['isp'] or '-'} {s['rule'] or ''}",
         f"IPv4:       {s['ipv4'] or '-'}   PSID {s['psid'] if s['psid'] is not None else '-'}",
         f"CE address: {s['ce_ipv6'] or '-'}",

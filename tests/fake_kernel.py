@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from ipaddress import IPv6Network
 
 from mape_daemon.actions import Action, ConntrackCleanup, FirewallChange, NetAction, NftChange, RpFilterChange
 from mape_daemon.errors import CannotRunHere, ConflictError, RetryableError
@@ -38,6 +39,7 @@ class FakeKernel:
         self.wan = wan
         self.ip6tnl = ip6tnl
         self.wan_addrs: list[WanAddress] = []
+        self.delegations: list[WanAddress] = []  # a DHCPv6 client's unreachable routes (proto dhcp)
         self.cannot_carry: set[str] = set()  # links down, or up without an IPv4 address (pppd negotiating)
         self.ce_addrs: set[tuple[str, str]] = set()  # /128s with nodad noprefixroute: (ifname, address)
         self.tunnels: dict[str, Tunnel] = {}
@@ -59,6 +61,13 @@ class FakeKernel:
     def slaac(self, address: str, deprecated: bool = False, preferred_lft: int = 3600) -> None:
         self.wan_addrs = [w for w in self.wan_addrs if w.address != address]
         self.wan_addrs.append(WanAddress(address, 64, deprecated, False, False, 0 if deprecated else preferred_lft))
+
+    def delegate(self, prefix: str | None) -> None:
+        """The DHCPv6 client's delegation now (None: it lost its lease)."""
+        net = IPv6Network(prefix) if prefix else None
+        self.delegations = (
+            [WanAddress(str(net.network_address), net.prefixlen, False, False, False, origin="pd")] if net else []
+        )
 
     def deprecate_all(self) -> None:
         self.wan_addrs = [
@@ -94,7 +103,7 @@ class FakeKernel:
     def snapshot(self) -> tuple:
         tables = [sorted((k, tuple(v)) for k, v in d.items()) for d in (self.chains, self.builtin)]
         return (
-            sorted(self.links.items()), sorted(self.wan_addrs, key=str), sorted(self.ce_addrs),
+            sorted(self.links.items()), sorted(self.wan_addrs + self.delegations, key=str), sorted(self.ce_addrs),
             sorted(self.tunnels.items()), sorted(self.addresses), sorted(self.routes.items()),
             sorted(self.rules.items()), sorted(self.rp_filter.items()), self.nft, sorted(self.guards.items()), *tables,
         )  # fmt: skip
@@ -120,6 +129,7 @@ class FakeKernel:
             links=dict(self.links),
             carriers=frozenset(self.links) - self.cannot_carry,
             wan=tuple(wan),
+            delegated=tuple(self.delegations),
             tunnels=dict(self.tunnels),
             addresses=frozenset(addrs),
             routes=frozenset(r for r, p in self.routes.items() if p == RT_PROTO),

@@ -82,6 +82,24 @@ def test_routes_and_rules_ours_by_protocol_and_the_others_where_asked(ns):
         nl.close()
 
 
+def test_a_delegation_is_read_from_the_dhcpv6_clients_unreachable_route_and_nothing_else(ns):
+    """What networkd and dhcpcd leave for a delegated /56 or /60: `unreachable <prefix> dev lo
+    proto dhcp`. Not a delegation: the same route of another protocol, a /64 (no client blocks
+    one), a reachable dhcp route, an IPv4 unreachable route."""
+    ip("-6", "route", "add", "unreachable", "2400:4050:1234:5600::/56", "proto", "dhcp", "metric", "1024")
+    ip("-6", "route", "add", "unreachable", "240b:10:1234:5670::/60", "proto", "dhcp", "table", "100")
+    ip("-6", "route", "add", "unreachable", "2400:4050:aaaa:bb00::/56", "proto", "static")
+    ip("-6", "route", "add", "unreachable", "2400:4050:aaaa:cc00::/64", "proto", "dhcp")
+    ip("-6", "route", "add", "2400:4050:aaaa:dd00::/56", "dev", "br_lan", "proto", "dhcp")
+    ip("route", "add", "unreachable", "10.99.0.0/16", "proto", "dhcp")
+    nl = Netlink()
+    try:
+        got = {(d.address, d.prefixlen, d.origin) for d in nl.delegations()}
+        assert got == {("2400:4050:1234:5600::", 56, "pd"), ("240b:10:1234:5670::", 60, "pd")}
+    finally:
+        nl.close()
+
+
 def test_a_dump_that_fails_is_an_error_to_retry_not_an_empty_answer(ns):
     r = Reader()
     r.sock.setsockopt(270, 12, 1)  # SOL_NETLINK, NETLINK_GET_STRICT_CHK: a short header is refused

@@ -158,6 +158,7 @@ class LinuxKernel:
             links={name: kind for name, (_, kind) in links.items()},
             carriers=frozenset(nl.carriers(ipv4)),
             wan=tuple(wan),
+            delegated=tuple(nl.delegations()),
             tunnels=tunnels,
             addresses=frozenset(addresses),
             routes=frozenset(routes),

@@ -39,7 +39,8 @@ IFF_UP_RUNNING = IFF_UP | 0x40
 IP6_TNL_F_IGN_ENCAP_LIMIT = 0x1
 IPPROTO_IPIP, IPPROTO_IPV6 = 4, 41
 MODES = {IPPROTO_IPIP: "ipip6", IPPROTO_IPV6: "ip6ip6", 0: "any"}
-RTN_UNICAST, RTN_LOCAL, RTN_UNREACHABLE = 1, 2, 7
+RTN_UNICAST, RTN_LOCAL, RTN_BLACKHOLE, RTN_UNREACHABLE, RTN_PROHIBIT = 1, 2, 6, 7, 8
+RTPROT_DHCP = 16
 IFLA_IPTUN_LINK, IFLA_IPTUN_LOCAL, IFLA_IPTUN_REMOTE, IFLA_IPTUN_TTL = 1, 2, 3, 4
 IFLA_IPTUN_ENCAP_LIMIT, IFLA_IPTUN_FLAGS, IFLA_IPTUN_PROTO = 6, 8, 9
 SUPPRESS_UNSET = 0xFFFFFFFF
@@ -135,6 +136,15 @@ class Netlink:
                 )
             )
         return out
+
+    def delegations(self) -> list[WanAddress]:
+        """Prefixes delegated to this router: a DHCPv6 client (systemd-networkd, dhcpcd) puts an
+        unreachable route `proto dhcp` for each delegation shorter than /64, so that the parts it
+        did not assign to a LAN go nowhere. The kernel filters the dump by protocol."""
+        return [WanAddress(address=r.dst, prefixlen=r.dst_len, deprecated=False, tentative=False, ours_shape=False,
+                           origin="pd")
+                for r in self.reader.routes(socket.AF_INET6, protocol=RTPROT_DHCP)
+                if r.type in (RTN_UNREACHABLE, RTN_BLACKHOLE, RTN_PROHIBIT) and 0 < r.dst_len < 64]  # fmt: skip
 
     def carriers(self, ipv4: list[AddrMsg]) -> set[str]:
         """Interfaces that can carry IPv4 now: up and running, with an IPv4 address. ppp0 exists
