@@ -18,11 +18,13 @@ The BR's numbers come from tests.lab.mapping, never from the daemon's mapcalc.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Callable
+from ipaddress import IPv6Network
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -61,8 +63,14 @@ class Lab:
         wan_prefix: str = "2400:4050:1234:5600::/64",
         vlan: bool = False,
         root: bool = False,
+        delegate: str | None = None,
+        slaac: bool = True,
     ):
         self.dir = workdir
+        # A DHCPv6-PD line: Kea delegates this prefix; with slaac=False the WAN's own /64
+        # (wan_prefix) is the access link's, announced without autonomous addresses.
+        self.delegation = delegate
+        self.slaac = slaac  # a home gateway's LAN: SLAAC on the WAN as well as the delegation
         self.rule = rule
         self.vlan = vlan
         self.wan, self.lan_if = ("wan-0.10", "br_lan.20") if vlan else ("wan0", "lan0")
@@ -134,7 +142,10 @@ class Lab:
         self.start_radvd()
         if pppoe:
             self.start_pppoe()
-        wait_for(lambda: self.wan_addresses(), 60, "the router's SLAAC address")
+        if self.delegation:
+            self.start_kea()
+        if self.slaac:
+            wait_for(lambda: self.wan_addresses(), 60, "the router's SLAAC address")
         return self
 
     def veth(self, ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
@@ -161,9 +172,12 @@ class Lab:
                 life = "AdvPreferredLifetime 0; AdvValidLifetime 600;"  # deprecated
             else:
                 life = ""
-            blocks.append(f"  prefix {p} {{ AdvOnLink on; AdvAutonomous on; {life} }};")
+            autonomous = "on" if self.slaac else "off"
+            blocks.append(f"  prefix {p} {{ AdvOnLink on; AdvAutonomous {autonomous}; {life} }};")
         body = "\n".join(blocks)
         timing = "  AdvSendAdvert on;\n  MinRtrAdvInterval 3;\n  MaxRtrAdvInterval 4;\n"
+        if self.delegation:
+            timing += "  AdvManagedFlag on;\n"  # addresses and prefixes by DHCPv6
         return f"interface {self.isp_if} {{\n{timing}{body}\n}};\n"
 
     def start_radvd(self) -> None:
@@ -175,6 +189,52 @@ class Lab:
             self.isp, "radvd", "-n", "-C", str(conf), "-p", str(self.dir / "radvd.pid"), "-m", "stderr",
             stdout=log, stderr=log,
         )  # fmt: skip
+
+    # --- DHCPv6-PD: Kea delegating to the router ---------------------------------------------
+    def _kea_conf(self) -> str:
+        net = IPv6Network(self.delegation)
+        return json.dumps({"Dhcp6": {
+            "interfaces-config": {"interfaces": [self.isp_if]},
+            "lease-database": {"type": "memfile", "persist": False},
+            "data-directory": str(self.dir),  # its server DUID file
+            "preferred-lifetime": 60, "valid-lifetime": 120, "renew-timer": 5, "rebind-timer": 10,
+            "subnet6": [{"id": 1, "subnet": self.prefixes[0], "interface": self.isp_if, "pd-pools": [
+                {"prefix": str(net.network_address), "prefix-len": net.prefixlen, "delegated-len": net.prefixlen}]}],
+            "loggers": [{"name": "kea-dhcp6", "severity": "INFO",
+                         "output_options": [{"output": str(self.dir / "kea.log")}]}],
+        }})  # fmt: skip
+
+    def start_kea(self) -> None:
+        """Kea on the access link, delegating `self.delegation`; the ISP routes the prefix to the
+        link (on-link: the router's CE address in it answers neighbour solicitations)."""
+        wait_for(lambda: "tentative" not in netns.sh(self.isp, "ip", "-6", "addr", "show", "dev", self.isp_if), 30,
+                 "the access link's addresses past DAD (Kea cannot bind to a tentative one)")  # fmt: skip
+        conf = self.dir / "kea.json"
+        conf.write_text(self._kea_conf())
+        env = {**os.environ, "KEA_PIDFILE_DIR": str(self.dir), "KEA_LOCKFILE_DIR": str(self.dir)}
+        log = open(self.dir / "kea.out.log", "ab")  # noqa: SIM115 - the process keeps it
+        self.procs["kea"] = netns.popen(self.isp, "kea-dhcp6", "-c", str(conf), stdout=log, stderr=log, env=env)
+        netns.sh(self.isp, "ip", "-6", "route", "replace", self.delegation, "dev", self.isp_if)
+
+    def redelegate(self, prefix: str) -> None:
+        """The ISP moves the line to another prefix: Kea restarted with only that one in its pool
+        (it forgets the old lease), so the router's next renewal gets the new prefix."""
+        proc = self.procs.pop("kea")
+        proc.terminate()
+        proc.wait(30)
+        netns.sh(self.isp, "ip", "-6", "route", "del", self.delegation, "dev", self.isp_if)
+        self.delegation = prefix
+        self.start_kea()
+
+    def start_dhcpcd(self) -> None:
+        """dhcpcd on the router asking for a prefix (DHCPv6 only; the kernel takes the RAs), its
+        first /64 for the LAN: what a dhcpcd.conf for a PD line says (README)."""
+        conf = self.dir / "dhcpcd.conf"
+        conf.write_text(f"ipv6only\nnoipv6rs\nnohook resolv.conf, timesyncd, ntp.conf, hostname\nduid\n"
+                        f"interface {self.wan}\n  ia_pd 1 {self.lan_if}/1\n")  # fmt: skip
+        log = open(self.dir / "dhcpcd.log", "ab")  # noqa: SIM115 - the process keeps it
+        self.procs["dhcpcd"] = netns.popen(self.ce, "dhcpcd", "-f", str(conf), "--nobackground", "--debug",
+                                           self.wan, stdout=log, stderr=log)  # fmt: skip
 
     def renumber(self, new_prefix64: str) -> None:
         """Announce `new_prefix64` and deprecate the ones before it (preferred lifetime 0)."""
