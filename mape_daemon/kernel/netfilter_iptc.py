@@ -15,6 +15,7 @@ import shlex
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import lru_cache
 
 import iptc
@@ -139,7 +140,7 @@ class IptcChains:
 
     def normalize(self, chains: frozenset[Chain], jumps: tuple[Jump, ...]) -> tuple[frozenset[Chain], tuple[Jump, ...]]:
         return (
-            frozenset(Chain(c.table, c.name, tuple(normal(r) for r in c.rules)) for c in chains),
+            frozenset(replace(c, rules=tuple(normal(r) for r in c.rules)) for c in chains),  # keeps its words
             tuple(Jump(j.table, j.chain, normal(j.rule)) for j in jumps),
         )
 
