@@ -294,6 +294,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if state.get("ok") else EXIT_FAILURE
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Why IPv4 does not work: each known cause checked, with its fix. Changes nothing."""
+    from . import doctor
+    from .record import RecordFile
+
+    config = load(args.config)
+    host, _, port = args.target.rpartition(":")
+    reconciler = make_reconciler(config, RecordFile(state_dir()))
+    print(f"mape-daemon doctor: checking (a TCP connection to {args.target} through the tunnel, up to "
+          f"{args.timeout:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+    results = doctor.checks(doctor.gather(config, reconciler, state_dir(), (host, int(port)), args.timeout))
+    print(json.dumps(doctor.to_json(results)) if args.json else doctor.to_text(results))
+    return EXIT_FAILURE if doctor.failed(results) else 0
+
+
+def target(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: give IPV4:PORT, e.g. 1.1.1.1:443")
+    return text
+
+
 def cmd_cleanup(args: argparse.Namespace) -> int:
     """Everything of ours goes, found through the ownership record: a broken or missing config is
     no obstacle (it only says which backend to use when the record does not)."""
@@ -334,6 +356,7 @@ EXAMPLES = {
     "status": "mape-daemon status --json",
     "cleanup": "mape-daemon cleanup",
     "ports": "mape-daemon ports --near 25565   (the running line's set, and the usable ports nearest 25565)",
+    "doctor": "mape-daemon doctor --target 203.0.113.10:80",
 }
 
 
@@ -380,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
                      cmd_status)  # fmt: skip
     status.add_argument("--json", action="store_true", help="print one JSON object")
     command("cleanup", "remove everything of ours (works without a usable config)", cmd_cleanup)
+    doctor = command("doctor", "when IPv4 does not work: check each known cause and say the fix (changes nothing; "
+                     "exit 1 when a check fails)", cmd_doctor)  # fmt: skip
+    doctor.add_argument("--target", type=target, default="1.1.1.1:443",
+                        help="IPV4:PORT of a test TCP connection through the tunnel (default 1.1.1.1:443)")  # fmt: skip
+    doctor.add_argument("--timeout", type=float, default=5.0, help="seconds for the test connection (default 5)")
+    doctor.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 

@@ -306,7 +306,7 @@ class PppoeConfig(Model):
 class DaemonConfig(Model):
     on_stop: Literal["remove", "keep"] = "remove"
     # Unset: 900 s where our netfilter state announces its changes (nftables, iptables-nft), 60 s
-    # on iptables-legacy, whose `iptables -F` only a full sync finds (see service.full_check_period).
+    # on iptables-legacy, whose `iptables -F` only a full sync finds (see runner.full_check_period).
     sync_interval: float | None = Field(default=None, ge=1, le=86400, description="periodic full sync, seconds")
     hold_down: float = Field(default=10, ge=0, le=3600, description="seconds a lost WAN prefix is waited for")
 

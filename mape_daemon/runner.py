@@ -142,3 +142,16 @@ class Runner:
             ok = await self.sync(cause, triggers)
             self.syncs += 1
             self.schedule.finished(ok, self.clock())
+
+
+FULL_CHECK, FULL_CHECK_LEGACY = 900.0, 60.0  # default daemon.sync_interval, per backend
+
+
+def full_check_period(sync_interval: float | None, backend: str) -> float:
+    """Seconds between full syncs. Events repair within a second what sends them; the full sync
+    is insurance against what does not: a sysctl reset, a lost event, and on iptables-legacy
+    (x_tables announce nothing) an `iptables -F` of our chains. It costs a netlink read only
+    (the netfilter reading is reused while the nf_tables generation stands still)."""
+    if sync_interval is not None:
+        return sync_interval
+    return FULL_CHECK_LEGACY if backend == "iptables-legacy" else FULL_CHECK

@@ -35,23 +35,12 @@ from .reconciler import Reconciler
 from .record import RecordFile, exclusive
 from .reloads import ConfigSwitch
 from .result import SyncResult
-from .runner import Runner
+from .runner import Runner, full_check_period
 from .statefile import STATE_DIR, DaemonState
 
 log = logging.getLogger("mape-daemon")
-FULL_CHECK, FULL_CHECK_LEGACY = 900.0, 60.0  # default sync_interval (see full_check_period)
 UPNP_RETRY = 60.0  # seconds before a failed miniupnpd update is tried again
 STATUS_RETRY = 60.0  # ... and a failed write of the state file
-
-
-def full_check_period(cfg: Config, backend: str) -> float:
-    """Seconds between full syncs. Events repair within a second what sends them; the full sync
-    is insurance against what does not: a sysctl reset, a lost event, and on iptables-legacy
-    (x_tables announce nothing) an `iptables -F` of our chains. It costs a netlink read only
-    (the netfilter reading is reused while the nf_tables generation stands still)."""
-    if cfg.daemon.sync_interval is not None:
-        return cfg.daemon.sync_interval
-    return FULL_CHECK_LEGACY if backend == "iptables-legacy" else FULL_CHECK
 
 
 class Service:
@@ -104,7 +93,7 @@ class Service:
 
     # --- syncing ----------------------------------------------------------------------------
     def _set_period(self) -> None:
-        period = full_check_period(self.config, self.reconciler.kernel.backend)
+        period = full_check_period(self.config.daemon.sync_interval, self.reconciler.kernel.backend)
         self.runner.schedule.period, self.runner.schedule.backoff_max = period, min(60.0, period)
 
     async def sync_once(self, cause: str, triggers: tuple[str, ...] = ()) -> bool:

@@ -1,0 +1,99 @@
+"""`mape-daemon doctor`'s verdicts from facts (pure): each known cause fails its own check, with
+its fix, and what depends on a failed check is not tried. tests/kernel/test_doctor_lab.py runs
+it on the lab router, working and broken on purpose."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from mape_daemon import doctor
+from mape_daemon.config import parse
+from mape_daemon.reconciler import Reconciler
+from mape_daemon.record import RecordFile
+from mape_daemon.statefile import DaemonState
+from tests.fake_kernel import FakeKernel
+
+CFG = parse('[wan]\ninterface = "wan0"\n[pppoe]\n')
+SLAAC = "2400:4050:1234:5600:5054:ff:fe12:3456"
+
+
+def facts(tmp_path, synced: bool = True, **kw) -> doctor.Facts:
+    k = FakeKernel(("wan0", "lan0", "ppp0"))
+    k.slaac(SLAAC)
+    r = Reconciler(CFG, k, RecordFile(tmp_path / "state"))
+    if synced:
+        assert r.sync().ok
+    state = DaemonState(pid=1, last_sync=time.time() - 5, ok=True, error=None, changes=0, reason="",
+                        tunnel_name="ip6tnl1", wan="wan0")  # fmt: skip
+    base = doctor.Facts(CFG, r.compute(), sysctl={"ip_forward": "1", "forwarding6": "1", "accept_ra": "2"},
+                        wan_mtu=1500, tunnel_mtu=1460, echo_br=0.012, target="192.0.2.1:443", connect_error="",
+                        tunnel_delta=(3, 2), state=state, rp_filter={"all": 0, "ppp0": 2})  # fmt: skip
+    return replace(base, **kw)
+
+
+def verdicts(f: doctor.Facts) -> dict[str, bool | None]:
+    return {c.name: c.ok for c in doctor.checks(f)}
+
+
+def fails(f: doctor.Facts) -> dict[str, doctor.Check]:
+    return {c.name: c for c in doctor.checks(f) if c.ok is False}
+
+
+def test_a_working_router_passes_every_check(tmp_path):
+    results = doctor.checks(facts(tmp_path))
+    assert not doctor.failed(results), doctor.to_text(results)
+    assert [c.name for c in results] == [
+        "IPv4 forwarding", "router advertisements", "prefix", "CE address", "tunnel", "default route", "BR", "traffic",
+        "path MTU", "rp_filter", "daemon",
+    ]  # fmt: skip
+    assert doctor.to_text(results).endswith("all checks passed")
+    assert doctor.to_json(results)["ok"] is True
+
+
+def test_each_cause_fails_its_own_check_with_the_fix(tmp_path):
+    assert set(fails(facts(tmp_path, sysctl={"ip_forward": "0", "forwarding6": "1", "accept_ra": "2"}))) == {
+        "IPv4 forwarding"}  # fmt: skip
+    ra = fails(facts(tmp_path, sysctl={"ip_forward": "1", "forwarding6": "1", "accept_ra": "1"}))
+    assert set(ra) == {"router advertisements"} and "accept_ra=2" in ra["router advertisements"].fix
+    assert set(fails(facts(tmp_path, echo_br=None))) == {"BR"}
+    lost = fails(facts(tmp_path, connect_error="Connection timed out", tunnel_delta=(6, 0)))
+    assert set(lost) == {"traffic"} and "packets go out, nothing comes back" in lost["traffic"].says
+    assert "interface-identifier" in lost["traffic"].fix
+    other = fails(facts(tmp_path, connect_error="Connection refused", tunnel_delta=(1, 1)))
+    assert "nothing comes back" not in other["traffic"].says
+    assert set(fails(facts(tmp_path, tunnel_mtu=1500))) == {"path MTU"}
+    assert set(fails(facts(tmp_path, rp_filter={"all": 1, "ppp0": 0}))) == {"rp_filter"}  # the larger one counts
+    stale = facts(tmp_path)
+    stale = replace(stale, state=replace(stale.state, last_sync=time.time() - 3600))
+    assert "stuck or gone" in fails(stale)["daemon"].says
+    assert set(fails(facts(tmp_path, state=None))) == {"daemon"}
+
+
+def test_without_our_state_the_ce_address_tunnel_and_route_fail_and_the_rest_is_not_tried(tmp_path):
+    f = facts(tmp_path, synced=False, echo_br=None, connect_error=None, state=None)
+    v = verdicts(f)
+    assert v["CE address"] is False and v["tunnel"] is False and v["default route"] is False
+    assert v["BR"] is None and v["traffic"] is None
+    assert "start mape-daemon" in fails(f)["CE address"].fix
+
+
+def test_no_prefix_says_why_and_tries_nothing_that_needs_one(tmp_path):
+    k = FakeKernel(("wan0", "lan0"))
+    f = replace(facts(tmp_path), computed=Reconciler(CFG, k, RecordFile(tmp_path / "s2")).compute())
+    v = verdicts(f)
+    assert v["prefix"] is False and v["CE address"] is None and v["traffic"] is None
+    assert "no global IPv6 address on wan0" in fails(f)["prefix"].says
+
+
+def test_a_foreign_default_in_our_slot_is_named_with_nodefaultroute(tmp_path):
+    from mape_daemon.state import Route
+
+    f = facts(tmp_path)
+    k = FakeKernel(("wan0", "lan0", "ppp0"))
+    k.slaac(SLAAC)
+    k.routes[Route("default", "ppp0", 254, 0)] = 16  # pppd's defaultroute (proto boot/dhcp: not ours)
+    r = Reconciler(CFG, k, RecordFile(tmp_path / "s3"))
+    r.sync()
+    got = fails(replace(f, computed=r.compute()))
+    assert "default route" in got and "nodefaultroute" in got["default route"].fix
