@@ -135,7 +135,12 @@ def _traffic(f: Facts) -> Check:
     if f.connect_error == "":
         return Check("traffic", True, f"TCP to {f.target} through the tunnel: connected ({tx} out, {rx} in)")
     says = f"TCP to {f.target}, {CONNECT_TRIES} tries: {f.connect_error} ({tx} packet(s) out of the tunnel, {rx} in)"
-    if tx and not rx:
+    if not tx:
+        return Check("traffic", False, says + ": nothing entered the tunnel",
+                     "the IPv4 default route does not lead into the tunnel (see 'default route')")  # fmt: skip
+    if f.echo_br is None:
+        return Check("traffic", False, says, "the BR does not answer (see 'BR')")
+    if not rx:
         return Check("traffic", False, says + ": packets go out, nothing comes back",
                      "the BR does not take this CE's packets: a wrong CE address (the interface-identifier "
                      "layout: the Japanese ISPs use draft03, an explicit rule defaults to rfc7597) or a wrong "

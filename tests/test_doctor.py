@@ -62,6 +62,8 @@ def test_each_cause_fails_its_own_check_with_the_fix(tmp_path):
     assert "interface-identifier" in lost["traffic"].fix
     other = fails(facts(tmp_path, connect_error="Connection refused", tunnel_delta=(1, 1)))
     assert "nothing comes back" not in other["traffic"].says
+    elsewhere = fails(facts(tmp_path, connect_error="Connection timed out", tunnel_delta=(0, 0)))
+    assert "nothing entered the tunnel" in elsewhere["traffic"].says
     assert set(fails(facts(tmp_path, tunnel_mtu=1500))) == {"path MTU"}
     assert set(fails(facts(tmp_path, rp_filter={"all": 1, "ppp0": 0}))) == {"rp_filter"}  # the larger one counts
     stale = facts(tmp_path)

@@ -43,7 +43,11 @@ def serve(log_path: str, address: str = "0.0.0.0", tcp_port: int = TCP_PORT) -> 
                 conn, (ip, port, *_) = tcp.accept()
                 mss = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)  # what the client's SYN allowed
                 record(proto="tcp", src=ip, sport=port, dst=conn.getsockname()[0], mss=mss)
-                conn.sendall(f"{ip} {port}\n".encode())
+                try:
+                    conn.sendall(f"{ip} {port}\n".encode())
+                except OSError:  # a client that only connects and goes (doctor's test) must not stop it
+                    conn.close()
+                    continue
                 sel.register(conn, selectors.EVENT_READ)  # held open until the client closes
             elif s is udp:
                 _, (ip, port, *_) = udp.recvfrom(2048)
