@@ -51,6 +51,8 @@ def test_a_dead_watcher_is_restarted_with_backoff_and_each_death_asks_for_a_sync
     assert slept == [1.0, 2.0, 4.0, 8.0] and ev.restarts == 4
     assert caplog.text.count("netlink watcher died (RuntimeError: socket closed); restarting it in") == 4
     assert "netlink" in ev.runner.schedule.causes  # a sync: what it might have missed
+    died = [r for r in caplog.records if "watcher died" in r.getMessage()]
+    assert {(r.MAPE_EVENT, r.MAPE_CAUSE, r.MAPE_TRIGGER) for r in died} == {("watcher", "event", "netlink")}
 
 
 def test_an_overflow_resubscribes_at_once_and_is_said_at_most_once_a_minute(monkeypatch, caplog):
