@@ -162,6 +162,17 @@ class FirewallChange(ActionBase):
     def touches_jumps(self) -> bool:
         return bool(self.delete or self.add_jumps or self.del_jumps)
 
+    def applied_to(self, chains: Iterable[Chain], jumps: Iterable[Jump]) -> tuple[frozenset[Chain], tuple[Jump, ...]]:
+        """Our chains and jumps (of every table) as they are once this change is in place: what
+        the kernel would list, since our rules are written in iptables-save's own form."""
+        gone = set(self.delete) | {c.name for c in self.replace}
+        kept = {c for c in chains if c.table != self.table or c.name not in gone}
+        left = list(jumps)
+        for j in self.del_jumps:
+            if j in left:
+                left.remove(j)
+        return frozenset(kept | set(self.replace)), (*self.add_jumps, *left)
+
     def against(self, chains: Iterable[str], jumps: Iterable[Jump]) -> FirewallChange | None:
         """This change as it still applies to a table holding `chains` and `jumps` now: a retry
         after a lost answer, or a table someone changed since the plan. No chain is removed twice,

@@ -54,6 +54,35 @@ def test_unchanged_generation_reuses_the_reading_and_any_commit_invalidates_it()
             assert kernel.observe(QUERY).nft is None
 
 
+def test_our_own_commits_keep_the_reading_true_without_reading_again():
+    """Before: each of our writes moved the generation, so the next table's change (to prune it)
+    and the next sync read every table back: three iptables-save after any sync that wrote."""
+    from mape_daemon import desired
+    from mape_daemon.plan import diff
+    from tests.test_desired_plan import BASE, OCN, parse
+
+    with fresh_netns():
+        fw, nft = RestoreChains("iptables-nft"), CountingTable()
+        kernel = LinuxKernel(fw, nft)
+        want = kernel.normalize(desired.build(parse(BASE), OCN))
+        with kernel.session():
+            have = kernel.observe(QUERY)
+            plan = diff(want, type(want)(chains=have.chains, jumps=have.jumps, nft=have.nft))
+            changes = [a for a in plan.actions if a.kind in ("firewall", "nft")]
+            assert len(changes) == 4  # nat, mangle, filter, our table
+            forks, listings = fw.forks, nft.listings
+            for change in changes:
+                kernel.apply(change)
+            assert fw.forks - forks == len(changes) - 1  # one restore per table, no iptables-save
+            believed = kernel.observe(QUERY)
+            assert (fw.forks - forks, nft.listings - listings) == (3, 1)  # nothing more: the reading was kept
+        fresh = LinuxKernel(RestoreChains("iptables-nft"), NftTable(dict(nft.canonical)))
+        with fresh.session():
+            read = fresh.observe(QUERY)
+        assert (believed.chains, sorted(believed.jumps), believed.nft) == (read.chains, sorted(read.jumps), read.nft)
+        assert {c.name for c in read.chains} and read.nft is not None
+
+
 def test_the_reading_of_one_namespace_is_not_reused_in_another():
     kernel = LinuxKernel(RestoreChains("iptables-nft"))
     seen = []

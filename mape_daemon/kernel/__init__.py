@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..actions import Action, ConntrackCleanup, FirewallChange, NetAction
+from ..actions import Action, ConntrackCleanup, FirewallChange, NetAction, NftChange
 from ..errors import RetryableError
 from ..state import Address, Chain, Jump, Observed, Query, State, Tunnel
 from . import conntrack, tc
@@ -97,7 +97,7 @@ class LinuxKernel:
             "egressguard": self._egress_guard,
             "rp_filter": lambda a: self.nl.set_rp_filter(a.ifname, a.value),
             "firewall": self._firewall,
-            "nft": lambda a: self.nft.replace(a.script),
+            "nft": self._nft,
             "conntrack": self._conntrack,
         }
 
@@ -229,6 +229,25 @@ class LinuxKernel:
                 return
             change = pruned
         self.chains.apply(change)
+        if self.chains.in_nf_tables:
+            self._own_commit(lambda chains, jumps, nft: (*change.applied_to(chains, jumps), nft))
+
+    def _nft(self, change: NftChange) -> None:
+        self.nft.replace(change.script)
+        self._own_commit(lambda chains, jumps, nft: (chains, jumps, self.nft.expected(change.script)))
+
+    def _own_commit(self, after: Callable[[frozenset[Chain], tuple[Jump, ...], str | None], Netfilter]) -> None:
+        """Keep the reading true across our own commit (one restore or one nft batch is one commit:
+        the generation moves by one) instead of reading it all again at the next look: the next
+        table's change and the next sync then fork nothing. A commit of anyone else in between
+        moves the generation further, and the next look reads the kernel."""
+        seen = self._netfilter_seen
+        if seen is None:
+            return
+        (netns, gen), reading = seen
+        now = current_generation()
+        if now is not None and now == gen + 1 and netns == self._netns():
+            self._netfilter_seen = ((netns, now), after(*reading))
 
     def _chains_now(self, table: str) -> tuple[frozenset[Chain], tuple[Jump, ...]]:
         """Our chains and jumps in `table` as they are: the session's reading while the nf_tables
