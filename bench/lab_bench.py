@@ -260,8 +260,8 @@ def converge_rows(lab: Lab, backend: str, rounds: int = 3) -> tuple[list[dict], 
                 **({"per_command_s": med["per_command"]} if "per_command" in med else {}))]  # fmt: skip
 
     assert r.sync().ok
-    # The sync after one that wrote reads our chains back once: its own writes moved the nf_tables
-    # generation (iptables-nft: an iptables-save per table). Counted apart; the rest reuse the reading.
+    # The sync right after one that wrote: our commits moved the nf_tables generation, and the
+    # reading kept up with them (kernel._own_commit); counted apart, it should fork nothing either.
     first = forks()
     assert r.sync().ok and not r.sync().plan
     first = forks() - first
