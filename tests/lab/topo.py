@@ -18,6 +18,7 @@ The BR's numbers come from tests.lab.mapping, never from the daemon's mapcalc.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -364,6 +365,10 @@ class Lab:
 
     # --- teardown ---------------------------------------------------------------------------
     def down(self) -> None:
+        if (dhcpcd := self.procs.get("dhcpcd")) is not None and dhcpcd.poll() is None:
+            dhcpcd.send_signal(signal.SIGHUP)  # release: its lease file goes, the next lab starts afresh
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                dhcpcd.wait(20)
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()

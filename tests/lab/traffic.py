@@ -61,10 +61,13 @@ def serve(log_path: str, address: str = "0.0.0.0", tcp_port: int = TCP_PORT) -> 
                 if kind == ECHO_REQUEST:
                     record(proto="icmp", src=ip, sport=ident)
             else:
-                data = s.recv(1024)
-                if data:
-                    s.sendall(data)  # an echo, for long-lived connections
-                else:
+                try:
+                    data = s.recv(1024)
+                    if data:
+                        s.sendall(data)  # an echo, for long-lived connections
+                except OSError:  # reset by a client that connected and went (doctor's test)
+                    data = b""
+                if not data:
                     sel.unregister(s)
                     s.close()
 
