@@ -169,7 +169,7 @@ def assert_converged_once(lab, ce) -> None:
 def test_on_iptables_legacy_the_minute_sync_finds_a_flush_and_a_backend_change_waits_for_a_foreign_jump(lab, tmp_path):
     """README: legacy iptables sends no event when someone runs `iptables -F`, so the full sync
     runs every 60 s there (not every 15 minutes): the flush is repaired by it, and only by it.
-    Then a reload to iptables-nft must remove our legacy chains first; while a user's rule jumps
+    Then a reload to iptables-nft must remove our legacy chains first; while a user's chain jumps
     into one of them that removal is refused, the old state is put back whole and keeps serving,
     and once the rule is gone the retried reload moves everything (fake-only before)."""
     ce = lab.ce_params()
@@ -184,8 +184,10 @@ def test_on_iptables_legacy_the_minute_sync_finds_a_flush_and_a_backend_change_w
         d.wait_state("repairs", {"periodic": 1})
         assert call(lab.lan, traffic.tcp_sequential, SERVER, 1)[0].split()[0] == ce.ipv4
 
-        foreign = ("POSTROUTING", "-o", "lan0", "-j", "MAPE-SNAT")
-        sh(lab.ce, "iptables-legacy", "-t", "nat", "-A", *foreign)
+        # A user's chain of their own that jumps into ours: not ours to delete, and while it is
+        # there the kernel refuses to delete our chain.
+        sh(lab.ce, "iptables-legacy", "-t", "nat", "-N", "USER-NAT")
+        sh(lab.ce, "iptables-legacy", "-t", "nat", "-A", "USER-NAT", "-j", "MAPE-SNAT")
         d.cfg.write_text(CONFIG + '[firewall]\nbackend = "iptables-nft"\n')
         d.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "the old config stays and the reload is retried" in d.text(), 60, "the refused reload")
@@ -193,11 +195,31 @@ def test_on_iptables_legacy_the_minute_sync_finds_a_flush_and_a_backend_change_w
         assert legacy().count(f"--to-source {ce.ipv4}:") == 189 and "MAPE-" not in sh(lab.ce, "iptables-nft-save")
         assert call(lab.lan, traffic.tcp_sequential, SERVER, 1)[0].split()[0] == ce.ipv4
 
-        sh(lab.ce, "iptables-legacy", "-t", "nat", "-D", *foreign)
+        sh(lab.ce, "iptables-legacy", "-t", "nat", "-F", "USER-NAT")
         wait_for(lambda: "MAPE-" not in legacy() and "MAPE-SNAT" in sh(lab.ce, "iptables-nft-save", "-t", "nat"),
                  120, "the retried reload")  # fmt: skip
         wait_for(lambda: d.state().get("ok"), 60, "the sync after the move")
         assert call(lab.lan, traffic.tcp_sequential, SERVER, 1)[0].split()[0] == ce.ipv4
         assert lab.br_dropped(chain) == 0
+    finally:
+        assert d.stop() == 0, d.text()
+
+
+def test_an_identical_rule_of_another_program_is_a_conflict_said_once_and_its_end_is_said(lab, tmp_path):
+    """README: an identical rule is left alone (it does the same), said once as a conflict, and
+    "conflict resolved" when it goes, when ours takes its place (fake-only before)."""
+    theirs = ("fwmark", "0x3e8/0xffff", "lookup", "10", "priority", "5000")
+    sh(lab.ce, "ip", "rule", "add", *theirs)  # a user's copy of our PPPoE rule, before we start
+    d = Daemon(lab, tmp_path, CONFIG).start()
+    try:
+        wait_for(d.synced_by_me, 120, "the first sync")
+        assert d.text().count("conflict: an identical rule exists, not ours") == 1
+        assert "proto 203" not in next(r for r in sh(lab.ce, "ip", "rule").splitlines() if r.startswith("5000:"))
+        assert any("identical rule" in c for c in d.state()["conflicts"])  # and status lists it
+        sh(lab.ce, "ip", "rule", "del", *theirs)
+        wait_for(lambda: "conflict resolved: an identical rule exists" in d.text(), 60, "the conflict resolved")
+        mine = [r for r in sh(lab.ce, "ip", "rule").splitlines() if r.startswith("5000:")]
+        assert len(mine) == 1 and "proto 203" in mine[0], mine
+        assert d.text().count("conflict: an identical rule exists") == 1 and d.state()["conflicts"] == []
     finally:
         assert d.stop() == 0, d.text()
