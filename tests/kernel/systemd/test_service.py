@@ -125,6 +125,9 @@ def test_a_sync_wedged_in_a_child_is_restarted_by_the_watchdog(package, tmp_path
         try:
             run("systemctl", "start", "mape-daemon")
             wedge.touch()
+            # Another program's nf_tables commit: the next sync must read our chains again, and
+            # that read (an iptables-nft-save) hangs. (Our own commits no longer make it read.)
+            sh(lab.ce, "nft", "add", "table", "inet", "someone-else")
             wait_for(lambda: int(show("NRestarts") or 0) >= 1, 120, "the watchdog to restart the service")
             assert "Watchdog timeout" in run("journalctl", "--no-pager", check=False)
             wedge.unlink()
