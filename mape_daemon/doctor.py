@@ -182,7 +182,8 @@ def _daemon(f: Facts) -> list[Check]:
         return [Check("daemon", False, f"last sync {age:.0f} s ago (more than {limit:.0f} s): it is stuck or gone",
                       "systemctl status mape-daemon; journalctl -u mape-daemon")]  # fmt: skip
     ok = s.ok and not s.error
-    return [Check("daemon", ok, f"last sync {age:.0f} s ago, " + ("ok" if ok else f"FAILED: {s.error}"),
+    watchers = f"; its event watchers restarted {s.watcher_restarts} time(s)" if s.watcher_restarts else ""
+    return [Check("daemon", ok, f"last sync {age:.0f} s ago, " + ("ok" if ok else f"FAILED: {s.error}") + watchers,
                   "" if ok else "journalctl -u mape-daemon says why")]  # fmt: skip
 
 

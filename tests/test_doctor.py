@@ -70,6 +70,10 @@ def test_each_cause_fails_its_own_check_with_the_fix(tmp_path):
     stale = replace(stale, state=replace(stale.state, last_sync=time.time() - 3600))
     assert "stuck or gone" in fails(stale)["daemon"].says
     assert set(fails(facts(tmp_path, state=None))) == {"daemon"}
+    restarted = facts(tmp_path)
+    restarted = replace(restarted, state=replace(restarted.state, watcher_restarts=2))
+    daemon = next(c for c in doctor.checks(restarted) if c.name == "daemon")
+    assert daemon.ok and "event watchers restarted 2 time(s)" in daemon.says  # supervised: said, not a failure
 
 
 def test_without_our_state_the_ce_address_tunnel_and_route_fail_and_the_rest_is_not_tried(tmp_path):
