@@ -196,6 +196,7 @@ class Service:
             reason=result.selection.reason,
             tunnel_name=self.config.tunnel.name,
             wan=self.config.wan.interface,
+            backend=self.reconciler.kernel.backend,
             last_change_seconds=self.last_change_seconds,
             held=result.selection.held,
             prefix=str(p.end_user_prefix) if p else None,

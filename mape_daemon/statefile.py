@@ -26,6 +26,7 @@ class DaemonState:
     reason: str  # why the mapping is what it is (or why there is none)
     tunnel_name: str
     wan: str
+    backend: str | None = None  # the netfilter backend our rules are in (nftables, iptables-nft, iptables-legacy)
     last_change_seconds: float | None = None  # how long the last sync that changed something took
     held: bool = False  # the prefix is gone and the last mapping is held (flap hold-down)
     prefix: str | None = None

@@ -81,6 +81,7 @@ def to_text(s: dict[str, Any]) -> str:
         f"IPv4:       {s['ipv4'] or '-'}   PSID {s['psid'] if s['psid'] is not None else '-'}",
         f"CE address: {s['ce_ipv6'] or '-'}",
         f"tunnel:     {t['name']} {'up' if t['up'] else 'DOWN' if t['present'] else 'absent'}",
+        *([f"firewall:   {s['backend']}"] if s.get("backend") else []),
         f"last sync:  {age:.0f} s ago, {'ok' if s['ok'] else 'FAILED: ' + str(s['error'])}, {s['changes']} change(s)",
     ]
     for proto, u in s.get("ports_in_use", {}).items():

@@ -17,7 +17,7 @@ def test_text_shows_conflicts_repairs_upnp_and_the_last_changes():
     state = {
         "last_sync": 0, "ok": True, "error": None, "changes": 0, "reason": "", "prefix": "2400:4050:1234:5600::/56",
         "isp": "ocn", "rule": "2400:4050::/34", "ipv4": "153.240.72.209", "psid": 22, "ce_ipv6": "x",
-        "tunnel": {"name": "ip6tnl1", "present": True, "up": True},
+        "tunnel": {"name": "ip6tnl1", "present": True, "up": True}, "backend": "iptables-nft",
         "conflicts": ["route slot taken: default dev ppp0 table main metric 0 ..."],
         "repairs": {"event": 2, "periodic": 1},
         "upnp": {"file": "/run/mape-daemon/miniupnpd.conf", "offering": None, "problem": "upnp.restart `false` exited 1"},
@@ -25,6 +25,7 @@ def test_text_shows_conflicts_repairs_upnp_and_the_last_changes():
     }  # fmt: skip
     text = to_text(state)
     assert "CONFLICT:   route slot taken" in text
+    assert "firewall:   iptables-nft" in text
     assert "repairs:    2 by event, 1 by periodic" in text
     assert "UPnP:       miniupnpd FAILING: upnp.restart `false` exited 1" in text
     state["upnp"] |= {"offering": "153.240.72.209", "problem": None}

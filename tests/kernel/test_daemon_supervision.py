@@ -198,7 +198,10 @@ def test_on_iptables_legacy_the_minute_sync_finds_a_flush_and_a_backend_change_w
         sh(lab.ce, "iptables-legacy", "-t", "nat", "-F", "USER-NAT")
         wait_for(lambda: "MAPE-" not in legacy() and "MAPE-SNAT" in sh(lab.ce, "iptables-nft-save", "-t", "nat"),
                  120, "the retried reload")  # fmt: skip
-        wait_for(lambda: d.state().get("ok"), 60, "the sync after the move")
+        # The move's sync writes the state file under the new backend once it is done (the
+        # chains show up in iptables-nft-save before the tunnel and routes are back).
+        wait_for(lambda: d.state().get("backend") == "iptables-nft" and d.state().get("ok"), 60,
+                 "the sync after the move")  # fmt: skip
         assert call(lab.lan, traffic.tcp_sequential, SERVER, 1)[0].split()[0] == ce.ipv4
         assert lab.br_dropped(chain) == 0
     finally:
