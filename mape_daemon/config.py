@@ -156,6 +156,13 @@ Protocol = Literal["tcp", "udp", "icmp"]
 
 class SnatConfig(Model):
     protocols: tuple[Protocol, ...] = ("tcp", "udp", "icmp")
+    # RFC 4787: one LAN socket keeps one external port for every destination (games, calls) ...
+    udp_mapping: Literal["endpoint-independent", "per-connection"] = "endpoint-independent"
+    # ... and who may send to it: anyone once it has sent out, the hosts it sent to, or only the
+    # exact address and port it sent to (conntrack alone, the safest).
+    udp_filtering: Literal["endpoint-independent", "address-dependent", "address-and-port-dependent"] = (
+        "address-and-port-dependent"
+    )
     reserved_ports: tuple[int | str, ...] = Field(default=(), description="kept out of the SNAT pool (port forwards)")
 
     @field_validator("reserved_ports")

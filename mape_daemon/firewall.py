@@ -15,6 +15,7 @@ files (tests/test_render_golden.py) must change only where the new feature is wa
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -50,11 +51,12 @@ class Context:
 class NftChain:
     name: str
     hook: str | None  # e.g. "type nat hook postrouting priority srcnat - 1"; None: a regular chain
-    rules: tuple[str, ...]
+    rules: tuple[str, ...]  # for a set or map: its declaration
+    kind: str = "chain"  # or "set", "map": the packet path fills them, nft lists them first
 
     def text(self) -> str:
         head = f"\t\t{self.hook}; policy accept;\n" if self.hook else ""
-        return f"\tchain {self.name} {{\n{head}" + "".join(f"\t\t{r}\n" for r in self.rules) + "\t}\n"
+        return f"\t{self.kind} {self.name} {{\n{head}" + "".join(f"\t\t{r}\n" for r in self.rules) + "\t}\n"
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,9 @@ def set_mark(mask: int, mark: int, what: str = "meta mark") -> str:
     return f"{what} set {what} and {~mask & 0xFFFFFFFF:#x} or {mark:#x}"
 
 
-def snat_rules(proto: str, ipv4: str, ranges: list[tuple[int, int]]) -> tuple[str, ...]:
-    """Terminating SNAT rules that spread new connections round-robin over every range.
+def snat_rules(proto: str, ipv4: str, ranges: list[tuple[int, int]], match: str = "") -> tuple[str, ...]:
+    """Terminating SNAT rules that spread new connections round-robin over every range (of those
+    that pass `match`, which comes before the counting match).
 
     Rule i takes every (N-i)th connection that reaches it, so each of N consecutive connections
     lands in a different range; the last rule takes all that is left, so nothing leaves unSNATed.
@@ -97,8 +100,65 @@ def snat_rules(proto: str, ipv4: str, ranges: list[tuple[int, int]]) -> tuple[st
     rules = []
     for i, r in enumerate(ranges):
         nth = f"-m statistic --mode nth --every {n - i} --packet 0 " if i < n - 1 else ""
-        rules.append(f"-p {proto} {nth}-j SNAT --to-source {ipv4}:{range_text(r)}")
+        rules.append(f"-p {proto} {match}{nth}-j SNAT --to-source {ipv4}:{range_text(r)}")
     return tuple(rules)
+
+
+# Endpoint-independent UDP mapping. A LAN socket's range is a function of its source port's low
+# bits, the same for every destination, and the kernel keeps a socket's live mapping when the new
+# flow's range holds it (nf_nat_core.c, find_appropriate_src): one external port for every
+# destination (RFC 4787 REQ-1), and a free port of that range when it is taken. A range serves at
+# most its size of flows towards one server (the kernel drops the next one at confirm): a flow
+# whose range already holds that many towards the server's address is spread per connection
+# instead (connlimit / nft `ct count`), and so are DNS and QUIC, the UDP with many sockets towards
+# one server and no use for a stable mapping.
+PER_CONNECTION_UDP = (53, 443)
+CROWD = "udp-crowd"  # nftables: flows per (server address, range), counted by conntrack
+
+
+def port_buckets(n: int) -> tuple[int, list[tuple[int, int]]]:
+    """The source-port mask and, for each of n ranges, its interval of `sport & mask`: low bits,
+    so every OS's ephemeral range spreads evenly (at least 1024 values, more when n needs)."""
+    mask = (1 << max(10, (n - 1).bit_length())) - 1
+    size = mask + 1
+    return mask, [(i * size // n, (i + 1) * size // n - 1) for i in range(n)]
+
+
+def u32_sport(mask: int, lo: int, hi: int) -> str:
+    """`sport & mask` in [lo, hi], as iptables-save prints the u32 match."""
+    return f'-m u32 --u32 "0x0>>0x16&0x3c@0x0>>0x10&{mask:#x}={lo:#x}:{hi:#x}"'
+
+
+def eim_rules(ipv4: str, ranges: list[tuple[int, int]]) -> tuple[str, ...]:
+    """iptables: UDP but DNS and QUIC by its source port's range while that range has room
+    towards the server, then what is left spread per connection."""
+    mask, buckets = port_buckets(len(ranges))
+    edges = [0, *PER_CONNECTION_UDP, 65536]
+    others = ",".join(f"{a + 1}:{b - 1}" for a, b in itertools.pairwise(edges) if b - a > 1)
+    eim = tuple(f"-p udp -m multiport --dports {others} {u32_sport(mask, lo, hi)} -m connlimit --connlimit-upto "
+                f"{r[1] - r[0] + 1} --connlimit-mask 32 --connlimit-daddr -j SNAT --to-source {ipv4}:{range_text(r)}"
+                for (lo, hi), r in zip(buckets, ranges, strict=True))  # fmt: skip
+    return (*eim, *snat_rules("udp", ipv4, ranges))
+
+
+def nft_eim_rules(match: str, ipv4: str, ranges: list[tuple[int, int]]) -> list[str]:
+    """One lookup from the source port's bucket to its range's chain (udp_range_chains); a crowded
+    range returns here, to the spread."""
+    mask, buckets = port_buckets(len(ranges))
+    skip = nft_set([str(p) for p in PER_CONNECTION_UDP])
+    jumps = ", ".join(f"{lo}-{hi} : jump {UDP_RANGE}{i}" for i, (lo, hi) in enumerate(buckets))
+    return [f"{match} udp dport != {skip} udp sport & {mask} vmap {{ {jumps} }}"]
+
+
+UDP_RANGE = "udp-range-"
+
+
+def udp_range_chains(ipv4: str, ranges: list[tuple[int, int]]) -> tuple[NftChain, ...]:
+    """Per range: take the flow while the range holds fewer flows than its size towards the
+    server's address (counted by conntrack in the set CROWD)."""
+    return tuple(NftChain(f"{UDP_RANGE}{i}", None, (
+        f"meta l4proto udp add @{CROWD} {{ ip daddr . {lo} ct count {hi - lo + 1} }} counter snat ip to "
+        f"{ipv4}:{range_text((lo, hi))}",)) for i, (lo, hi) in enumerate(ranges))  # fmt: skip
 
 
 class Mss(Feature):
@@ -183,16 +243,38 @@ class Snat(Feature):
     def iptables(self, ctx: Context) -> Iptables:
         ipv4 = str(ctx.params.ipv4)
         dispatch = tuple(f"-p {p} -j {SUB_CHAIN[p]}" for p in ctx.protos)
-        per_proto = [Chain("nat", SUB_CHAIN[p], snat_rules(p, ipv4, ctx.pool), f"SNAT for {p}") for p in ctx.protos]
+        per_proto = [Chain("nat", SUB_CHAIN[p], eim_rules(ipv4, ctx.pool) if p == "udp" and eim(ctx)
+                           else snat_rules(p, ipv4, ctx.pool), f"SNAT for {p}") for p in ctx.protos]  # fmt: skip
         chains = (Chain("nat", SNAT_CHAIN, dispatch, "SNAT dispatch (MAPE-SNAT)"), *per_proto)
         return Iptables(chains, (Jump("nat", "POSTROUTING", f"-o {ctx.tunnel} -j {SNAT_CHAIN}"),))
 
     def nftables(self, ctx: Context) -> tuple[NftChain, ...]:
-        ipv4 = str(ctx.params.ipv4)
-        entries = ", ".join(f"{i} : {ipv4} . {lo}-{hi}" for i, (lo, hi) in enumerate(ctx.pool))
-        rule = (f'oifname "{ctx.tunnel}" meta l4proto {nft_set(ctx.protos)} counter snat ip to numgen inc mod '
-                f"{len(ctx.pool)} map {{ {entries} }}")  # fmt: skip
-        return (NftChain(NAT_CHAIN, NAT_HOOK, (rule,)),)
+        return (*crowd(ctx), NftChain(NAT_CHAIN, NAT_HOOK, nft_snat(ctx, f'oifname "{ctx.tunnel}"')))
+
+
+def eim(ctx: Context) -> bool:
+    return "udp" in ctx.protos and ctx.config.snat.udp_mapping == "endpoint-independent"
+
+
+def nft_snat(ctx: Context, match: str) -> tuple[NftChain, ...]:
+    """nftables SNAT rules for what passes `match` (in our chain `chain`): UDP by its source port
+    (endpoint-independent mapping), then the rest spread per connection."""
+    ipv4 = str(ctx.params.ipv4)
+    rules = nft_eim_rules(match, ipv4, ctx.pool) if eim(ctx) else []
+    entries = ", ".join(f"{i} : {ipv4} . {lo}-{hi}" for i, (lo, hi) in enumerate(ctx.pool))
+    rules.append(f"{match} meta l4proto {nft_set(ctx.protos)} counter snat ip to numgen inc mod {len(ctx.pool)} "
+                 f"map {{ {entries} }}")  # fmt: skip
+    return tuple(rules)
+
+
+def crowd(ctx: Context) -> tuple[NftChain, ...]:
+    """The set the endpoint-independent rules count in (an element goes with its last flow)."""
+    if not eim(ctx):
+        return ()
+    return (
+        NftChain(CROWD, None, ("type ipv4_addr . inet_service; size 65535; flags dynamic;",), "set"),
+        *udp_range_chains(str(ctx.params.ipv4), ctx.pool),
+    )
 
 
 class PppoeMasquerade(Feature):
@@ -265,13 +347,72 @@ class Forwards(Feature):
         return bool(ctx.forwards)
 
     def nftables(self, ctx: Context) -> tuple[NftChain, ...]:
-        dnat = []
-        for f in ctx.forwards:
-            lo, hi = f.external
-            to = str(f.to) if hi > lo else f"{f.to}:{f.to_port or lo}"
-            dnat.append(f'iifname "{ctx.tunnel}" ip daddr {ctx.params.ipv4} {f.protocol} dport '
-                        f"{range_text(f.external)} counter dnat to {to}")  # fmt: skip
-        return (NftChain("dnat-in", "type nat hook prerouting priority dstnat", tuple(dnat)),)
+        dnat = tuple(f'iifname "{ctx.tunnel}" {rule}' for rule in forward_dnat(ctx))
+        return (NftChain("dnat-in", "type nat hook prerouting priority dstnat", dnat),)
+
+
+def forward_dnat(ctx: Context) -> list[str]:
+    out = []
+    for f in ctx.forwards:
+        lo, hi = f.external
+        to = str(f.to) if hi > lo else f"{f.to}:{f.to_port or lo}"
+        out.append(f"ip daddr {ctx.params.ipv4} {f.protocol} dport {range_text(f.external)} counter dnat to {to}")
+    return out
+
+
+UDP_IN, UDP_PEERS = "udp-in", "udp-peers"
+LEARNED = "flags dynamic,timeout; timeout 5m; size 65535;"  # RFC 4787 REQ-5: at least 2 min, 5 recommended
+
+
+class UdpFiltering(Feature):
+    """Who may send to a LAN socket's external port (RFC 4787 section 5). Address-and-port-dependent
+    is conntrack alone: only replies. The others learn, from each UDP packet leaving the tunnel,
+    external port -> LAN socket (and for address-dependent, the hosts it sent to), for 5 minutes
+    after its last packet, and DNAT what arrives on such a port to its socket. A port the kernel
+    reuses for a second socket (towards another destination) is the first one's until it expires."""
+
+    words = "UDP filtering"
+    nft_only = True
+
+    def wanted(self, ctx: Context) -> bool:
+        return "udp" in ctx.protos and ctx.config.snat.udp_filtering != "address-and-port-dependent"
+
+    def nftables(self, ctx: Context) -> tuple[NftChain, ...]:
+        adf = ctx.config.snat.udp_filtering == "address-dependent"
+        learn = (f'oifname "{ctx.tunnel}" meta l4proto udp ct direction original ct status snat '
+                 f"update @{UDP_IN} {{ ct reply proto-dst : ct original ip saddr . ct original proto-src }}"
+                 + (f" update @{UDP_PEERS} {{ ct reply proto-dst . ip daddr }}" if adf else ""))  # fmt: skip
+        peers = f"udp dport . ip saddr @{UDP_PEERS} " if adf else ""
+        dnat = f'iifname "{ctx.tunnel}" ip daddr {ctx.params.ipv4} {peers}counter dnat ip to udp dport map @{UDP_IN}'
+        return (NftChain(UDP_IN, None, (f"type inet_service : ipv4_addr . inet_service; {LEARNED}",), "map"),
+                *((NftChain(UDP_PEERS, None, (f"type inet_service . ipv4_addr; {LEARNED}",), "set"),) if adf else ()),
+                NftChain("udp-learn", f"type filter hook postrouting priority {GUARD_PRIORITY}", (learn,)),
+                NftChain("dnat-in", "type nat hook prerouting priority dstnat", (dnat,)))  # fmt: skip
+
+
+def eif(ctx: Context) -> bool:
+    return "udp" in ctx.protos and ctx.config.snat.udp_filtering == "endpoint-independent"
+
+
+class Hairpin(Feature):
+    """A LAN host reaching the MAP IPv4 on a forward's port (or, with endpoint-independent
+    filtering, on a LAN socket's external port) reaches that LAN host (RFC 4787 REQ-9), from the
+    MAP IPv4 and a port of the set (REQ-9a): so the answer comes back by the router."""
+
+    words = "hairpinning"
+    nft_only = True
+
+    def wanted(self, ctx: Context) -> bool:
+        return bool(ctx.forwards) or eif(ctx)
+
+    def nftables(self, ctx: Context) -> tuple[NftChain, ...]:
+        t, ipv4 = ctx.tunnel, ctx.params.ipv4
+        dnat = [f'iifname != "{t}" {rule}' for rule in forward_dnat(ctx)]
+        if eif(ctx):
+            dnat.append(f'iifname != "{t}" ip daddr {ipv4} counter dnat ip to udp dport map @{UDP_IN}')
+        back = f'iifname != "{t}" oifname != "{t}" ct status dnat ct original ip daddr {ipv4}'
+        return (*crowd(ctx), NftChain("hairpin-in", "type nat hook prerouting priority dstnat", tuple(dnat)),
+                NftChain("hairpin-out", NAT_HOOK, nft_snat(ctx, back)))  # fmt: skip
 
 
 class InboundClosed(Feature):
@@ -296,7 +437,7 @@ class InboundClosed(Feature):
 
 # In this order: the nftables chains follow it, and so do the words naming what the table holds.
 FEATURES: tuple[Feature, ...] = (Mss(), PppoeMarks(), Snat(), PppoeMasquerade(), NoPorts(), Guard(), Forwards(),
-                                 InboundClosed())  # fmt: skip
+                                 UdpFiltering(), Hairpin(), InboundClosed())  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -314,8 +455,12 @@ def nft_table(chains: list[NftChain]) -> str:
     merged: dict[str, NftChain] = {}
     for c in chains:
         have = merged.get(c.name)
-        merged[c.name] = c if have is None else NftChain(c.name, have.hook, have.rules + c.rules)
-    return "table ip mape {\n" + "".join(c.text() for c in merged.values()) + "}\n"
+        if have is None or c.kind != "chain" or have == c:  # what two features use is declared once
+            merged[c.name] = have or c
+        else:
+            merged[c.name] = NftChain(c.name, have.hook, have.rules + c.rules)
+    ordered = sorted(merged.values(), key=lambda c: c.kind == "chain")  # sets and maps before their users
+    return "table ip mape {\n" + "".join(c.text() for c in ordered) + "}\n"
 
 
 def render(ctx: Context, native: bool) -> Netfilter:

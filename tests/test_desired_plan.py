@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import Counter
 from dataclasses import replace
@@ -13,6 +14,7 @@ import pytest
 from mape_daemon import desired, maprules
 from mape_daemon.actions import FirewallChange, NetAction, NftChange
 from mape_daemon.config import parse
+from mape_daemon.firewall import port_buckets
 from mape_daemon.mapcalc import compute
 from mape_daemon.plan import diff
 from mape_daemon.state import NOTHING, Jump, Tunnel
@@ -36,9 +38,32 @@ def test_snat_rules_spread_over_every_block_with_every_n_down_to_a_catch_all():
         tcp[61] == "-p tcp -m statistic --mode nth --every 2 --packet 0 -j SNAT --to-source 153.240.72.209:63840-63855"
     )
     assert tcp[62] == "-p tcp -j SNAT --to-source 153.240.72.209:64864-64879"
-    for proto in ("UDP", "ICMP"):
-        assert len(chain(state, f"MAPE-SNAT-{proto}").rules) == 63
-    assert sum(len(c.rules) for c in state.chains if c.name.startswith("MAPE-SNAT-")) == 189
+    assert len(chain(state, "MAPE-SNAT-ICMP").rules) == 63
+    udp = chain(state, "MAPE-SNAT-UDP").rules  # by source port while the range has room, then spread
+    assert udp[0] == ('-p udp -m multiport --dports 1:52,54:442,444:65535 -m u32 --u32 '
+                      '"0x0>>0x16&0x3c@0x0>>0x10&0x3ff=0x0:0xf" -m connlimit --connlimit-upto 16 --connlimit-mask 32 '
+                      "--connlimit-daddr -j SNAT --to-source 153.240.72.209:1376-1391")  # fmt: skip
+    assert udp[63:] == tuple(r.replace("tcp", "udp") for r in tcp)  # DNS, QUIC and the crowded: spread
+    assert len(udp) == 126
+    assert sum(len(c.rules) for c in state.chains if c.name.startswith("MAPE-SNAT-")) == 252
+
+
+def test_udp_source_port_buckets_cover_every_value_once_and_evenly():
+    """Every `sport & mask` value has exactly one range, so no UDP flow leaves unSNATed, and the
+    ranges get nearly equal shares (an OS's ephemeral ports spread evenly over them)."""
+    for n in (1, 15, 63, 64, 100, 1023, 1500, 4097):
+        mask, buckets = port_buckets(n)
+        assert buckets[0][0] == 0 and buckets[-1][1] == mask and len(buckets) == n
+        assert all(a[1] + 1 == b[0] for a, b in itertools.pairwise(buckets))
+        sizes = {hi - lo + 1 for lo, hi in buckets}
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+def test_per_connection_udp_is_spread_like_tcp():
+    state = desired.build(parse(BASE + '[snat]\nudp_mapping = "per-connection"\n'), OCN)
+    assert [r.replace("udp", "tcp") for r in chain(state, "MAPE-SNAT-UDP").rules] == list(
+        chain(state, "MAPE-SNAT-TCP").rules
+    )
 
 
 def test_round_robin_of_the_nth_rules_gives_every_block_once_per_n_connections():
@@ -69,9 +94,23 @@ def test_nftables_backend_puts_everything_in_our_table_with_one_snat_map_over_th
     cfg = parse(PPPOE + '[snat]\nreserved_ports = ["1376-1391", "2400"]\n')
     state = desired.build(cfg, OCN, {"ppp0"}, native=True)
     assert not state.chains and not state.jumps and state.nft is not None
-    (snat,) = [line for line in state.nft.splitlines() if " snat ip to " in line]
-    entries = re.findall(r"(\d+) : 153\.240\.72\.209 \. (\d+)-(\d+)", snat)
+    *eim, snat = [line for line in state.nft.splitlines() if " snat ip to " in line]
     pool = desired.pool_ranges(OCN, cfg.snat.reserved_ranges())
+    # UDP but DNS and QUIC: from its source port's low bits one lookup to its range's chain, in
+    # pool order, which takes the flow while the range holds fewer flows than its size towards
+    # the server; a crowded range returns to the spread.
+    (vmap,) = [line for line in state.nft.splitlines() if " vmap " in line]
+    assert 'oifname "ip6tnl1" udp dport != { 53, 443 } udp sport & 1023 vmap { 0-15 : jump udp-range-0, ' in vmap
+    buckets = [tuple(map(int, b)) for b in re.findall(r"(\d+)-(\d+) : jump udp-range-\d+", vmap)]
+    assert [lo for lo, _ in buckets] == [0] + [hi + 1 for _, hi in buckets[:-1]] and buckets[-1][1] == 1023
+    rule = re.compile(
+        r"add @udp-crowd \{ ip daddr \. (\d+) ct count (\d+) \} counter snat ip to 153\.240\.72\.209:(\d+)-?(\d+)?$"
+    )
+    ranges = [rule.search(r) for r in eim]
+    assert [(int(m[3]), int(m[4] or m[3])) for m in ranges] == pool and len(ranges) == len(buckets)
+    assert [int(m[2]) for m in ranges] == [hi - lo + 1 for lo, hi in pool] and all(m[1] == m[3] for m in ranges)
+    assert "chain udp-range-0 {\n\t\tmeta l4proto udp add @udp-crowd { ip daddr . 2401 ct count 15 }" in state.nft
+    entries = re.findall(r"(\d+) : 153\.240\.72\.209 \. (\d+)-(\d+)", snat)
     assert [(int(lo), int(hi)) for _, lo, hi in entries] == pool  # 62 blocks and 2401-2415, in order
     assert [int(i) for i, _, _ in entries] == list(range(len(pool))) and f"numgen inc mod {len(pool)} " in snat
     assert "priority srcnat - 1;" in state.nft  # before a catch-all masquerade at srcnat

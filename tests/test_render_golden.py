@@ -46,6 +46,9 @@ CONFIGS = {
     "open-no-guard": "[inbound]\nclosed = false\n[firewall]\nguard = false\n",
     "no-mss-tcp-udp": '[mss]\nclamp = false\n[snat]\nprotocols = ["tcp", "udp"]\n',
     "reserved": '[snat]\nreserved_ports = ["{lo}", "{lo2}-{hi2}"]\n[tunnel]\nname = "mape-t.1"\nmtu = 1400\n',
+    "per-connection": '[snat]\nudp_mapping = "per-connection"\n',
+    "eif": '[snat]\nudp_filtering = "endpoint-independent"\n',
+    "adf": '[snat]\nudp_filtering = "address-dependent"\n',
     "everything": PPPOE + '[[forward]]\nprotocol = "udp"\nport = "{lo2}"\nto = "192.168.1.22"\n',
 }
 

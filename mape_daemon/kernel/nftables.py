@@ -20,6 +20,7 @@ from ..errors import CannotRunHere, RetryableError
 
 FAMILY, TABLE = "ip", "mape"
 OUTPUT_STATELESS = 1 << 2  # list without counter values: they change with every packet
+OUTPUT_TERSE = 1 << 11  # ... and without the elements the packet path adds to our learned maps
 CANONICAL_KEPT = 8  # learned listings kept (one per table script seen lately), in memory and in the record
 
 
@@ -45,7 +46,7 @@ class Libnftables:
         self.ctx = lib.nft_ctx_new(0)
         lib.nft_ctx_buffer_output(self.ctx)
         lib.nft_ctx_buffer_error(self.ctx)
-        lib.nft_ctx_output_set_flags(self.ctx, OUTPUT_STATELESS)
+        lib.nft_ctx_output_set_flags(self.ctx, OUTPUT_STATELESS | OUTPUT_TERSE)
 
     def run(self, script: str) -> tuple[int, str, str]:
         rc = self.lib.nft_run_cmd_from_buffer(self.ctx, script.encode())
