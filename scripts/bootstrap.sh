@@ -13,6 +13,7 @@ APT_PACKAGES=(
   qemu-system-x86 linux-image-amd64 busybox-static        # the lab VM (tests/lab)
   radvd ppp pppoe iperf3                                  # the lab's simulated ISP (iperf3: make bench)
   kea-dhcp6-server dhcpcd-base                            # DHCPv6-PD in the lab: the ISP's server, a client
+  coturn                                                  # a STUN server (RFC 5780) and a NAT-behaviour client
   firewalld network-manager dbus                          # the host managers the lab lives beside
   miniupnpd miniupnpd-nftables miniupnpc                  # UPnP beside us (installed disabled) and a client
   dpkg-dev debhelper                                      # the Debian package (packaging/)
@@ -27,7 +28,7 @@ if ((${#missing[@]})); then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
-  # Services among them (firewalld, kea, ...) are for the lab's namespaces, not for this host:
+  # Services among them (firewalld, kea, coturn, ...) are for the lab's namespaces, not for this host:
   # none is started by the install, and kea's are disabled after it.
   norc=
   if [ ! -e /usr/sbin/policy-rc.d ]; then
@@ -38,7 +39,7 @@ if ((${#missing[@]})); then
   $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
   [ -z "$norc" ] || $SUDO rm -f /usr/sbin/policy-rc.d
   if [ -d /run/systemd/system ]; then
-    $SUDO systemctl disable --now -q kea-dhcp6-server.service kea-ctrl-agent.service 2>/dev/null || true
+    $SUDO systemctl disable --now -q kea-dhcp6-server.service kea-ctrl-agent.service coturn.service 2>/dev/null || true
   fi
 fi
 

@@ -146,6 +146,7 @@ class LabRun:
             "tests.lab.report",
             "-q",
             "--color=no",
+            "--durations=12",  # the slowest, for balancing the queues
             *self.nodeids,
         ]
 

@@ -34,6 +34,8 @@ from . import netns, traffic
 from .mapping import OCN, LabCE, LabRule, map_prefix
 
 SERVER = "203.0.113.10"
+STUN_ALT = "203.0.113.11"  # the STUN server's second address (RFC 5780 needs two)
+STUN_PORT = 3478
 ISP_INET, INET_ISP = "198.51.100.1", "198.51.100.2"
 LAN_GW, LAN_CLIENT, LAN_SERVER, LAN_CONSOLE = "192.168.1.1", "192.168.1.10", "192.168.1.20", "192.168.1.55"
 PPP_LOCAL, PPP_REMOTE = "100.64.0.1", "100.64.0.10"
@@ -190,6 +192,17 @@ class Lab:
             self.isp, "radvd", "-n", "-C", str(conf), "-p", str(self.dir / "radvd.pid"), "-m", "stderr",
             stdout=log, stderr=log,
         )  # fmt: skip
+
+    def start_stun(self) -> None:
+        """coturn as an RFC 5780 STUN server beyond the BR: SERVER and STUN_ALT, ports 3478 and
+        3479. `-n` reads no config file: Debian's turnserver.conf switches RFC 5780 off."""
+        netns.sh(self.inet, "ip", "addr", "add", f"{STUN_ALT}/32", "dev", "lo")
+        log = open(self.dir / "turnserver.log", "ab")  # noqa: SIM115 - the process keeps it
+        self.procs["turnserver"] = netns.popen(
+            self.inet, "turnserver", "-n", "--stun-only", "--no-cli", "--log-file", "stdout", "-L", SERVER,
+            "-L", STUN_ALT, "-p", str(STUN_PORT), "--alt-listening-port", str(STUN_PORT + 1), stdout=log, stderr=log,
+        )  # fmt: skip
+        wait_for(lambda: f"{STUN_ALT}:{STUN_PORT + 1}" in netns.sh(self.inet, "ss", "-uln"), 30, "turnserver")
 
     # --- DHCPv6-PD: Kea delegating to the router ---------------------------------------------
     def _kea_conf(self) -> str:

@@ -127,6 +127,56 @@ def udp_query(dst: str, port: int = UDP_PORT, timeout: float = 3) -> str:
             return f"error: {e}"
 
 
+def udp_sequential(dst: str, n: int, port: int = UDP_PORT, timeout: float = 3) -> list:
+    """n UDP flows one after the other, each a new socket (so a new source port and a new
+    conntrack entry); each result is the server's view "ip port" or an error."""
+    return [udp_query(dst, port, timeout) for _ in range(n)]
+
+
+def udp_concurrent(
+    dst: str, n: int, port: int = UDP_PORT, batch: int = 50, timeout: float = 1.0, sports: list[int] | None = None
+) -> list:
+    """n UDP sockets (from `sports` if given) that each send one datagram and keep their flow (and
+    so their external port) while the others start, `batch` at a time (so no socket buffer
+    overflows); then each one that got no answer tries once more. Each result: the server's view
+    "ip port", "retry: ip port" when only the second datagram got through, or an error."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, n + 64)), hard))
+    socks: list[socket.socket] = []
+    answers: dict[int, str] = {}
+
+    def collect(pending: list[int], prefix: str) -> None:
+        sel = selectors.DefaultSelector()
+        for i in pending:
+            sel.register(socks[i], selectors.EVENT_READ, i)
+        deadline = time.monotonic() + timeout
+        while len(sel.get_map()) and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=0.1):
+                answers[key.data] = prefix + key.fileobj.recv(100).decode().strip()
+                sel.unregister(key.fileobj)
+        sel.close()
+
+    for start in range(0, n, batch):
+        new = list(range(start, min(n, start + batch)))
+        for i in new:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setblocking(False)
+            if sports:
+                s.bind(("0.0.0.0", sports[i]))
+            s.sendto(b"hello", (dst, port))
+            socks.append(s)
+        collect(new, "")
+    lost = [i for i in range(n) if i not in answers]
+    for i in lost:
+        socks[i].sendto(b"again", (dst, port))
+    collect(lost, "retry: ")
+    for s in socks:
+        s.close()
+    return [answers.get(i, "error: timeout") for i in range(n)]
+
+
 def udp_refused(dst: str, port: int, timeout: float = 3) -> bool:
     """A datagram to a closed port: True once the ICMP port-unreachable has come back (the
     connected socket's receive is refused), False if nothing came."""
@@ -141,6 +191,30 @@ def udp_refused(dst: str, port: int, timeout: float = 3) -> bool:
         except OSError:
             return False
         return False
+
+
+def udp_hairpin(server: str, host: str, peer: str, timeout: float = 3) -> list[str]:
+    """A LAN socket on `host` learns its external address from the server; a socket on `peer`
+    (the same LAN) sends to that address and is answered. Returns [the mapping, the source `host`
+    saw, the source `peer`'s answer came from], each "ip port" or an error."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+        for sock, addr in ((a, host), (b, peer)):
+            sock.settimeout(timeout)
+            sock.bind((addr, 0))
+        out = []
+        try:
+            a.sendto(b"where am I?", (server, UDP_PORT))
+            out.append(a.recv(100).decode().strip())
+            ip, port = out[0].split()
+            b.sendto(b"hello", (ip, int(port)))
+            _, seen = a.recvfrom(100)
+            out.append(f"{seen[0]} {seen[1]}")
+            a.sendto(b"hello back", seen)
+            _, back = b.recvfrom(100)
+            out.append(f"{back[0]} {back[1]}")
+        except OSError as e:
+            out.append(f"error: {e}")
+        return out
 
 
 def udp_from_port(dst: str, sport: int, port: int = UDP_PORT) -> None:
