@@ -94,21 +94,24 @@ def _forwarding_on() -> None:
         f.write("1")
 
 
-def bench_config():
-    return parse('[wan]\ninterface = "wan0"\n[tunnel]\nname = "r1"\n')
+PER_CONNECTION = '[snat]\nudp_mapping = "per-connection"\n'
 
 
-def snat_table(p) -> tuple[str, str]:
+def bench_config(extra: str = ""):
+    return parse('[wan]\ninterface = "wan0"\n[tunnel]\nname = "r1"\n' + extra)
+
+
+def snat_table(p, extra: str = "") -> tuple[str, str]:
     """Everything the iptables-nft backend writes for `p`: its chains in every table (one
     iptables-restore text) and its companion nft table (guard, inbound policy), as the daemon
     writes them: the same rule set as the nftables backend's one table."""
-    want = desired.build(bench_config(), p)
+    want = desired.build(bench_config(extra), p)
     return "".join(restore_script(change) for change in diff_firewall(want, NOTHING)), want.nft or ""
 
 
-def native_table(p) -> str:
+def native_table(p, extra: str = "") -> str:
     """Our table for `p` (nftables backend), SNAT and guard, as the daemon writes it."""
-    return desired.build(bench_config(), p, native=True).nft or ""
+    return desired.build(bench_config(extra), p, native=True).nft or ""
 
 
 def community_fix(p) -> str:
@@ -157,10 +160,11 @@ def in_parallel(ns: str, k: int, fn, *args) -> list:
     return out
 
 
-def rates(topo: Topology, tables: dict[str, tuple[str, object]], per_client: int = 300, rounds: int = 3) -> dict:
-    """New TCP connections per second for each NAT, from one client process per CPU, rounds
-    interleaved so that load from elsewhere on the machine hits all alike; the median of the
-    rounds. `tables` maps a name to (the NAT, a check of each (source, port) the server saw)."""
+def rates(topo: Topology, tables: dict[str, tuple[str, object]], per_client: int = 300, rounds: int = 3,
+          flow=traffic.tcp_sequential, proto: str = "tcp") -> dict:  # fmt: skip
+    """New TCP connections (or UDP flows) per second for each NAT, from one client process per
+    CPU, rounds interleaved so that load from elsewhere on the machine hits all alike; the median
+    of the rounds. `tables` maps a name to (the NAT, a check of each (source, port) the server saw)."""
     clients = os.cpu_count() or 2
     out: dict[str, list[float]] = {name: [] for name in tables}
     for _ in range(rounds):
@@ -169,10 +173,10 @@ def rates(topo: Topology, tables: dict[str, tuple[str, object]], per_client: int
             sh(topo.router, "conntrack", "-F", check=False)
             mark = len(topo.served_since(0))
             t0 = time.perf_counter()
-            answers = in_parallel(topo.client, clients, traffic.tcp_sequential, "198.51.100.2", per_client)
+            answers = in_parallel(topo.client, clients, flow, "198.51.100.2", per_client)
             dt = time.perf_counter() - t0
-            assert all(not a.startswith("error") for a in answers), answers[:3]
-            seen = [(e["src"], e["sport"]) for e in topo.served_since(mark) if e["proto"] == "tcp"]
+            assert all(not a.startswith("error") for a in answers), (name, [a for a in answers if "error" in a][:3])
+            seen = [(e["src"], e["sport"]) for e in topo.served_since(mark) if e["proto"] == proto]
             assert len(seen) == len(answers) and all(natted(*s) for s in seen), f"{name}: not NATed as expected"
             out[name].append(len(answers) / dt)
     return {name: statistics.median(v) for name, v in out.items()}
@@ -185,6 +189,56 @@ def capacity(topo: Topology, p, tries: int) -> tuple[int, dict]:
     sh(topo.router, "conntrack", "-F", check=False)
     return len(ok), {"blocks_used": len(blocks), "min_per_block": min(blocks.values(), default=0),
                      "max_per_block": max(blocks.values(), default=0)}  # fmt: skip
+
+
+def udp_sockets(topo: Topology, p, n: int) -> dict:
+    """n LAN sockets to one server port at once: how many got through at the first datagram, at
+    the second, not at all; and whether every port the server saw is in the set."""
+    answers = call(topo.client, traffic.udp_concurrent, "198.51.100.2", n, timeout=600)
+    sh(topo.router, "conntrack", "-F", check=False)
+    ports = [int(a.split()[-1]) for a in answers if not a.startswith("error")]
+    assert all(any(lo <= q <= hi for lo, hi in p.port_ranges) for q in ports), "a UDP port outside the set"
+    lost = sum(a.startswith("error") for a in answers)
+    retry = sum(a.startswith("retry") for a in answers)
+    return {"first": n - lost - retry, "retry": retry, "lost": lost}
+
+
+def udp_rows(topo: Topology, ocn, in_set) -> list[dict]:
+    """Issue 21: endpoint-independent UDP mapping against per-connection spreading, same run."""
+    rows = []
+    tables = {}
+    for backend, make in (("iptables-nft", snat_table), ("nftables", native_table)):
+        tables[f"{backend} eim"] = (make(ocn), in_set)
+        tables[f"{backend} per-connection"] = (make(ocn, PER_CONNECTION), in_set)
+    # 150 flows per client: every flow's entry lives 30 s, so a run holds them all at once, fewer
+    # than one range's 16 ports per server port on average (the collisions are the next rows').
+    r = rates(topo, tables, per_client=150, flow=traffic.udp_sequential, proto="udp")
+    for backend in ("iptables-nft", "nftables"):
+        ratio = r[f"{backend} eim"] / r[f"{backend} per-connection"]
+        rows.append({"name": f"new UDP flows/s, {backend}, endpoint-independent mapping, {os.cpu_count()} parallel "
+                     "clients", "where": WHERE, "value": r[f"{backend} eim"], "unit": "flows/s",
+                     "baseline": r[f"{backend} per-connection"], "baseline_name": "per-connection mapping",
+                     "ratio_to_baseline": ratio, "goal": goal_text(ratio, 0.95),
+                     "checked": "every source address and port at the server"})  # fmt: skip
+    for n in (100, 500, 1000):
+        for backend, make in (("nftables", native_table), ("iptables-nft", snat_table)):
+            topo.nat(make(ocn))
+            eim = udp_sockets(topo, ocn, n)
+            topo.nat(make(ocn, PER_CONNECTION))
+            per = udp_sockets(topo, ocn, n)
+            ratio = (eim["first"] + eim["retry"]) / max(1, per["first"] + per["retry"])
+            rows.append({"name": f"UDP sockets to one server port at once: {n}, OCN (1008 ports), {backend}, "
+                         "endpoint-independent", "where": WHERE, "value": eim["first"] + eim["retry"], "unit": "flows",
+                         "baseline": per["first"] + per["retry"], "baseline_name": "per-connection mapping",
+                         "ratio_to_baseline": ratio, "goal": goal_text(ratio, 0.95),
+                         "collisions": n - eim["first"], "collision_rate": (n - eim["first"]) / n,
+                         "through_at_retry": eim["retry"], "lost": eim["lost"],
+                         "baseline_collisions": n - per["first"]})  # fmt: skip
+    return rows
+
+
+def goal_text(ratio: float, limit: float) -> str:
+    return f">= {limit}: {'met' if ratio >= limit else 'MISSED'}"
 
 
 def run() -> list[dict]:
@@ -202,7 +256,7 @@ def run() -> list[dict]:
             "nftables": (native_table(ocn), in_set),
         })  # fmt: skip
         for backend, what in (
-            ("iptables-nft", "MAPE-* chains in every table, 189 SNAT rules, and the guard's table"),
+            ("iptables-nft", "MAPE-* chains in every table, 252 SNAT rules, and the guard's table"),
             ("nftables", "our whole table, one numgen map rule"),
         ):
             rows.append({"name": f"new TCP connections/s, {backend} ({what}), {os.cpu_count()} parallel clients",
@@ -210,6 +264,7 @@ def run() -> list[dict]:
                          "baseline_name": "one MASQUERADE rule", "ratio_to_baseline": r[backend] / r["masquerade"],
                          "checked": "every source address and port at the server",
                          "bound_by": "the Python client and server processes, not the NAT"})  # fmt: skip
+        rows += udp_rows(topo, ocn, in_set)
         for name, p in (("OCN", ocn), ("v6plus", v6plus)):
             topo.nat(first_block_table(p))
             n_fw4, _ = capacity(topo, p, 60)
