@@ -265,3 +265,12 @@ class Observed:
     chains: frozenset[Chain]
     jumps: tuple[Jump, ...]
     nft: str | None  # our nftables table as nft lists it
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A tracked connection NATed to the MAP IPv4 (conntrack): what holds a port of the set."""
+
+    protocol: str
+    port: int  # the external port (ICMP: id) of the set
+    host: str  # the LAN address it came from

@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .portuse import usage
 from .statefile import NAME, DaemonState
 
 HISTORY_SHOWN = 8
-
-
-def port_usage(ports: list[tuple[str, int]], ranges: list[tuple[int, int]]) -> dict[str, Any]:
-    """Per protocol: ports in use out of the set, and the fullest block (the first to run out)."""
-    total = sum(hi - lo + 1 for lo, hi in ranges)
-    out: dict[str, Any] = {}
-    for proto in ("tcp", "udp", "icmp"):
-        used = {p for pr, p in ports if pr == proto}
-        per_block = Counter(next((i for i, (lo, hi) in enumerate(ranges) if lo <= p <= hi), -1) for p in used)
-        per_block.pop(-1, None)
-        fullest = max(per_block.items(), key=lambda kv: kv[1], default=None)
-        out[proto] = {
-            "in_use": len(used),
-            "of": total,
-            "fullest_block": None if fullest is None else {
-                "range": list(ranges[fullest[0]]), "in_use": fullest[1],
-                "size": ranges[fullest[0]][1] - ranges[fullest[0]][0] + 1,
-            },
-        }  # fmt: skip
-    return out
 
 
 def collect(state_dir: Path) -> dict[str, Any]:
@@ -46,7 +26,8 @@ def collect(state_dir: Path) -> dict[str, Any]:
                        "local": live.local if live else None, "remote": live.remote if live else None}  # fmt: skip
     state["managers"] = kernel.managers(st.wan, st.tunnel_name)
     if st.ipv4 and st.port_ranges:
-        state["ports_in_use"] = port_usage(kernel.nat_ports(st.ipv4), st.port_ranges)
+        usages = usage(kernel.nat_flows(st.ipv4), st.port_ranges)
+        state["ports_in_use"] = {proto: u.as_dict() for proto, u in usages.items()}
     return state
 
 
@@ -88,6 +69,8 @@ def to_text(s: dict[str, Any]) -> str:
         fb = u["fullest_block"]
         full = f", fullest block {fb['range'][0]}-{fb['range'][1]}: {fb['in_use']}/{fb['size']}" if fb else ""
         lines.append(f"{proto + ':':11} {u['in_use']} of {u['of']} ports in use{full}")
+    for proto, why in sorted((s.get("ports_running_out") or {}).items()):
+        lines.append(f"RUNNING OUT: {proto}: {why}")
     for c in s.get("conflicts", []):
         lines.append(f"CONFLICT:   {c}")
     fw = s.get("forwards") or {}

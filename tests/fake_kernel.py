@@ -21,6 +21,7 @@ from mape_daemon.state import (
     Address,
     Chain,
     EgressGuard,
+    Flow,
     Jump,
     Observed,
     Query,
@@ -56,6 +57,10 @@ class FakeKernel:
         self.writes = 0
         self.fail_on: type | None = None  # make the next action of this class fail (once)
         self.fail_kind: str | None = None  # ... or of this kind ("tunnel", "route", ...), once
+        self.flows: list[Flow] = []  # conntrack's NATed connections (ports in use)
+
+    def nat_flows(self, ipv4: str) -> list[Flow]:
+        return list(self.flows)
 
     # --- test helpers ------------------------------------------------------------------------
     def slaac(self, address: str, deprecated: bool = False, preferred_lft: int = 3600) -> None:

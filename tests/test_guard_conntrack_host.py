@@ -147,12 +147,13 @@ def test_conntrack_cleanup_deletes_exactly_the_stale_mappings(topo):
     for sport in (41000, 41001, 41002):
         call(client, traffic.udp_from_port, SERVER, sport)
     with inside(router):
-        ports = conntrack.nat_ports(str(P.ipv4))
+        flows = conntrack.nat_flows(str(P.ipv4))
         lo, hi = P.port_ranges[3]
-        assert len(ports) == 3 and all(proto == "udp" and lo <= port <= hi for proto, port in ports), ports
+        assert len(flows) == 3 and all(f.protocol == "udp" and lo <= f.port <= hi for f in flows), flows
+        assert {f.host for f in flows} == {"10.77.0.2"}  # the LAN host, for the busiest-hosts list
         # The set moved to other blocks (a new PSID on the same IPv4): all three are now outside it.
         assert conntrack.cleanup((), str(P.ipv4), P.port_ranges[:3], None) == 3
-        assert conntrack.nat_ports(str(P.ipv4)) == []
+        assert conntrack.nat_flows(str(P.ipv4)) == []
     for sport in (41003, 41004):
         call(client, traffic.udp_from_port, SERVER, sport)
     with inside(router):

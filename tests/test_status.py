@@ -1,16 +1,21 @@
 """Port usage for `mape-daemon status`, and its text."""
 
 from mape_daemon.mapcalc import port_ranges
-from mape_daemon.status import port_usage, to_text
+from mape_daemon.portuse import usage
+from mape_daemon.state import Flow
+from mape_daemon.status import to_text
 
-PORTS = [("tcp", 1383), ("tcp", 1384), ("tcp", 2415), ("udp", 3430), ("icmp", 64870)]
+A, B = "192.168.1.10", "192.168.1.20"
+FLOWS = [Flow("tcp", 1383, A), Flow("tcp", 1384, B), Flow("tcp", 2415, A), Flow("udp", 3430, A),
+         Flow("icmp", 64870, B)]  # fmt: skip
 
 
-def test_usage_per_protocol_and_fullest_block():
-    usage = port_usage(PORTS, list(port_ranges(22, 6, 6)))
-    assert usage["tcp"] == {"in_use": 3, "of": 1008, "fullest_block": {"range": [1376, 1391], "in_use": 2, "size": 16}}
-    assert usage["udp"]["in_use"] == 1 and usage["udp"]["fullest_block"]["range"] == [3424, 3439]
-    assert usage["icmp"]["fullest_block"]["range"] == [64864, 64879]
+def test_usage_per_protocol_fullest_block_and_hosts():
+    u = {proto: x.as_dict() for proto, x in usage(FLOWS, list(port_ranges(22, 6, 6))).items()}
+    assert u["tcp"] == {"in_use": 3, "of": 1008, "fullest_block": {"range": [1376, 1391], "in_use": 2, "size": 16},
+                        "hosts": [[A, 2], [B, 1]]}  # fmt: skip
+    assert u["udp"]["in_use"] == 1 and u["udp"]["fullest_block"]["range"] == [3424, 3439]
+    assert u["icmp"]["fullest_block"]["range"] == [64864, 64879]
 
 
 def test_text_shows_conflicts_repairs_upnp_and_the_last_changes():

@@ -27,7 +27,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..actions import Action, ConntrackCleanup, FirewallChange, NetAction, NftChange
 from ..errors import RetryableError
-from ..state import Address, Chain, Jump, Observed, Query, State, Tunnel
+from ..state import Address, Chain, Flow, Jump, Observed, Query, State, Tunnel
 from . import conntrack, tc
 from .netlink import Netlink
 from .nftables import NftTable
@@ -270,8 +270,8 @@ class LinuxKernel:
             return self.nl.tunnels().get(name)
 
     @staticmethod
-    def nat_ports(ipv4: str) -> list[tuple[str, int]]:
-        return conntrack.nat_ports(ipv4)
+    def nat_flows(ipv4: str) -> list[Flow]:
+        return conntrack.nat_flows(ipv4)
 
     @staticmethod
     def managers(wan: str, tunnel: str) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 A connection NATed by us has the MAP IPv4 as its reply direction's destination and the port (or
 ICMP id) it was given as the reply's destination port. Cleanups delete entries whose mapping is no
-longer right; `nat_ports` reads the ports in use for `status`.
+longer right; `nat_flows` reads the ports in use (for `status`, the metrics and the exhaustion
+warning).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pyroute2.iproute.linux import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import RetryableError
+from ..state import Flow
 
 PROTO_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMP: "icmp"}
 
@@ -83,11 +85,13 @@ def cleanup(drop_ipv4: Iterable[str], ipv4: str | None, ranges, unnated_via: str
     return deleted
 
 
-def nat_ports(ipv4: str) -> list[tuple[str, int]]:
-    """(protocol, port) of every tracked connection NATed to `ipv4`: the ports of the set in use."""
+def nat_flows(ipv4: str) -> list[Flow]:
+    """Every tracked connection NATed to `ipv4`: its protocol, the port (ICMP id) of the set it
+    holds, and the LAN host it came from."""
     with Conntrack() as ct:
         return [
-            (PROTO_NAMES[e.tuple_orig.proto], _reply_port(e))
+            Flow(PROTO_NAMES[e.tuple_orig.proto], port, e.tuple_orig.saddr)
             for e in _entries(ct)
-            if e.tuple_reply.daddr == ipv4 and e.tuple_orig.proto in PROTO_NAMES and _reply_port(e) is not None
-        ]
+            if e.tuple_reply.daddr == ipv4 and e.tuple_orig.proto in PROTO_NAMES
+            and (port := _reply_port(e)) is not None
+        ]  # fmt: skip
