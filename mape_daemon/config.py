@@ -310,6 +310,43 @@ class PppoeConfig(Model):
         return self
 
 
+class MetricsConfig(Model):
+    # Prometheus /metrics, served by the daemon (README "Metrics"). Unset: off. An address and a
+    # port: "127.0.0.1:9849" or "[::1]:9849" (loopback keeps the mapping to this host).
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None:
+            listen_address(v)
+        return v
+
+    def address(self) -> tuple[str, int] | None:
+        return None if self.listen is None else listen_address(self.listen)
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """'127.0.0.1:9849' or '[::1]:9849' -> (address, port); ValueError naming what is wrong."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'{text!r} is not ADDRESS:PORT (e.g. "127.0.0.1:9849" or "[::1]:9849")')
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        IPv6Address(host) if ":" in host else IPv4Address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+    return host, int(port)
+
+
+class PortsConfig(Model):
+    # Port exhaustion (README "Metrics"): conntrack is read every check_every seconds (one dump of
+    # its table; 60 keeps an idle router quiet, see the README's benchmarks); a protocol
+    # using warn_percent of the set, or a full block, is one journal line, and its end another.
+    warn_percent: float = Field(default=80, gt=0, le=100)
+    check_every: float = Field(default=60, ge=5, le=3600, description="seconds between two readings of conntrack")
+
+
 class DaemonConfig(Model):
     on_stop: Literal["remove", "keep"] = "remove"
     # Unset: 900 s where our netfilter state announces its changes (nftables, iptables-nft), 60 s
@@ -333,6 +370,8 @@ class Config(Model):
     forward: tuple[ForwardConfig, ...] = ()
     inbound: InboundConfig = InboundConfig()
     upnp: UpnpConfig = UpnpConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    ports: PortsConfig = PortsConfig()
 
     @model_validator(mode="after")
     def _forwards_apart(self) -> Config:

@@ -110,7 +110,8 @@ class SyncJournal:
                   exc_info=trace)  # fmt: skip
         self.said_error = True
 
-    def report(self, result: SyncResult, config: Config, cause: str, triggers: tuple[str, ...] = ()) -> None:
+    def report(self, result: SyncResult, config: Config, cause: str, triggers: tuple[str, ...] = ()) -> list[Line]:
+        """Log the sync's lines; returns them (for the metrics)."""
         if result.error is not None:
             self._failure(result, cause)
         elif self.failures:
@@ -144,3 +145,4 @@ class SyncJournal:
             for u in sorted(set(self.unavailable) - set(unavailable)):
                 log.info("%s: usable again", u.partition(": ")[0], extra=fields(result, "forward", cause))
             self.unavailable = unavailable
+        return lines

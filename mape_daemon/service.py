@@ -27,9 +27,11 @@ from typing import Any
 
 from . import upnp
 from .config import Config, load
-from .errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, CannotRunHere
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, CannotRunHere, MapeError
 from .events import IPTABLES_NFT_TABLES, OUR_TABLES, Events
 from .journal import SyncJournal, fields, notify, setup_logging, status_line
+from .metrics import Metrics
+from .portuse import Exhaustion, usage
 from .prefix import source_text
 from .reconciler import Reconciler
 from .record import RecordFile, exclusive
@@ -69,6 +71,9 @@ class Service:
         self.upnp_problem: str | None = None
         self.status_problem: str | None = None  # why the state file could not be written, as said once
         self.syncs = 0
+        self.metrics = Metrics()
+        self.metrics_problem: str | None = None  # why /metrics is not served, as said once
+        self.exhaustion = Exhaustion(config.ports.warn_percent)
         stop_at = os.environ.get("MAPE_DEBUG_STOP_BEFORE")  # test knob: freeze before an action kind
         if stop_at:
             self.reconciler.before_apply = _stop_before(stop_at, lambda: self.syncs)
@@ -117,6 +122,7 @@ class Service:
                 notify("READY=1")
                 return False
             self._set_period()
+            self._serve_metrics()
         self.syncs += 1
         result = await asyncio.to_thread(self.reconciler.sync)
         self.events.after_sync()
@@ -125,7 +131,11 @@ class Service:
         self.last = result
         if result.plan:
             self.last_change_seconds = result.seconds
-        self.journal.report(result, self.config, cause, triggers)
+        lines = self.journal.report(result, self.config, cause, triggers)
+        trigger = ",".join(triggers) or cause
+        repaired = [(a.kind, trigger) for a in result.plan.actions if a.kind != "conntrack"]
+        self.metrics.synced(result, cause, repaired if any(line.event == "repair" for line in lines) else [],
+                            any(line.event == "prefix-change" for line in lines))  # fmt: skip
         if isinstance(result.error, CannotRunHere):
             log.error("this host cannot run mape-daemon: %s", result.error, extra=fields(result, "error", cause))
             self.exit_code = EXIT_UNAVAILABLE
@@ -134,6 +144,7 @@ class Service:
             self.runner.wake_in(result.recheck_in, "hold-down")
         if result.params is not None or result.error is None:  # not when the kernel could not be read
             await self._upnp(result, cause)
+        self._snapshot(result)
         self._write_status(result)
         if (not self.ready or reloaded is not None) and self.exit_code == EXIT_OK:
             # Up and converging: a failure is logged, in STATUS= and retried (see the module doc).
@@ -158,6 +169,60 @@ class Service:
             log.info("%s", said, extra=fields(result, "upnp", cause))
             if not stopping:
                 self.runner.wake_in(upnp.CHECK_AFTER, "retry")  # is it running? (upnp.check)
+
+    def _snapshot(self, result: SyncResult) -> None:
+        """The metrics' gauges as of this sync (the ports' come from check_ports)."""
+        p, snap = result.params, self.metrics.snapshot
+        snap.ok, snap.mapped, snap.conflicts = result.ok, p is not None, len(result.conflicts)
+        source = result.selection.source
+        snap.info = {} if p is None else {
+            "isp": p.rule.isp or "explicit", "ipv4": str(p.ipv4), "psid": str(p.psid), "rule": str(p.rule.ipv6_prefix),
+            "prefix": str(p.end_user_prefix), "source": source.origin if source is not None else "config",
+        }  # fmt: skip
+        snap.forwards = {"active": len(self.journal.active) if p else 0, "disabled": len(self.journal.unavailable)}
+        snap.upnp = None
+        if self.config.upnp.enabled:
+            snap.upnp = "failing" if self.upnp_problem else "offering" if self.miniupnpd.offering else "refusing"
+
+    def _serve_metrics(self) -> None:
+        """/metrics where [metrics] listen says (nowhere when unset); a port it cannot have is said
+        once and the daemon goes on without."""
+        problem = None
+        try:
+            self.metrics.serve(self.config.metrics.address())
+        except OSError as e:
+            problem = f"metrics: cannot listen on {self.config.metrics.listen}: {e.strerror or e}"
+        if problem is not None and problem != self.metrics_problem:
+            log.error("%s (going on without /metrics: change [metrics] listen and reload)", problem,
+                      extra={"MAPE_EVENT": "error", "MAPE_CAUSE": "metrics"})  # fmt: skip
+        self.metrics_problem = problem
+
+    async def check_ports(self) -> None:
+        """One reading of conntrack: ports in use for the metrics, and the running-out episodes."""
+        p = self.last.params if self.last is not None else None
+        usages = {}
+        if p is None:
+            lines = self.exhaustion.clear()
+        else:
+            try:
+                flows = await asyncio.to_thread(self.reconciler.kernel.nat_flows, str(p.ipv4))
+            except (OSError, MapeError):
+                return  # conntrack busy or gone for a moment: the next reading
+            usages = usage(flows, list(p.port_ranges))
+            self.exhaustion.warn_percent = self.config.ports.warn_percent
+            lines = self.exhaustion.update(usages)
+        self.metrics.snapshot.usage = usages
+        self.metrics.snapshot.exhausted = frozenset(self.exhaustion.open)
+        for kind, text in lines:
+            log.log(logging.WARNING if kind == "start" else logging.INFO, "%s", text,
+                    extra={"MAPE_EVENT": "ports", "MAPE_CAUSE": "ports"})  # fmt: skip
+        if lines and self.last is not None:
+            self._write_status(self.last)
+
+    async def ports_watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.ports.check_every)
+            await self.check_ports()
 
     def _firewalld_changed(self) -> None:
         if self.last is not None:
@@ -218,6 +283,7 @@ class Service:
             firewalld=None if fw is None else dataclasses.asdict(fw),
             upnp=upnp_state,
             config_loaded_at=self.configs.loaded_at,
+            ports_running_out=dict(self.exhaustion.open),
         )
 
     # --- signals and the loop ---------------------------------------------------------------
@@ -245,12 +311,14 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.runner.stop)
         tasks = await self.events.start(lambda: self.config.tunnel.name, lambda: self.config.firewalld.zone)
-        dog = asyncio.create_task(self.watchdog())
+        self._serve_metrics()
+        helpers = (asyncio.create_task(self.watchdog()), asyncio.create_task(self.ports_watch()))
         try:
             await self.runner.run()
         finally:
-            for task in (*tasks, dog):
+            for task in (*tasks, *helpers):
                 task.cancel()
+            self.metrics.stop()
         notify("STOPPING=1")
         code = await self.stop()
         return self.exit_code or code

@@ -48,6 +48,7 @@ class DaemonState:
     firewalld: dict[str, Any] | None = None
     upnp: dict[str, Any] | None = None
     config_loaded_at: float | None = None
+    ports_running_out: dict[str, str] = field(default_factory=dict)  # protocol -> why (an open episode)
 
     def write(self, state_dir: Path = STATE_DIR) -> None:
         write_atomic(state_dir / NAME, json.dumps(asdict(self)))

@@ -18,17 +18,24 @@ APT_PACKAGES=(
   miniupnpd miniupnpd-nftables miniupnpc                  # UPnP beside us (installed disabled) and a client
   dpkg-dev debhelper                                      # the Debian package (packaging/)
 )
+# Without their recommends (prometheus would bring node_exporter and its timers).
+APT_BARE=(
+  prometheus                                              # scrapes the daemon in the lab; promtool checks
+)
 
-missing=()
+missing=() bare=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null | grep -qx installed || missing+=("$p")
 done
-if ((${#missing[@]})); then
-  echo "bootstrap: installing Debian packages: ${missing[*]}"
+for p in "${APT_BARE[@]}"; do
+  dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null | grep -qx installed || bare+=("$p")
+done
+if ((${#missing[@]} + ${#bare[@]})); then
+  echo "bootstrap: installing Debian packages: ${missing[*]} ${bare[*]}"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
-  # Services among them (firewalld, kea, coturn, ...) are for the lab's namespaces, not for this host:
+  # Services among them (firewalld, kea, coturn, prometheus, ...) are for the lab's namespaces, not for this host:
   # none is started by the install, and kea's are disabled after it.
   norc=
   if [ ! -e /usr/sbin/policy-rc.d ]; then
@@ -36,10 +43,11 @@ if ((${#missing[@]})); then
     $SUDO chmod 755 /usr/sbin/policy-rc.d
     norc=1
   fi
-  $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  if ((${#missing[@]})); then $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null; fi
+  if ((${#bare[@]})); then $SUDO apt-get install -y -qq --no-install-recommends "${bare[@]}" >/dev/null; fi
   [ -z "$norc" ] || $SUDO rm -f /usr/sbin/policy-rc.d
   if [ -d /run/systemd/system ]; then
-    $SUDO systemctl disable --now -q kea-dhcp6-server.service kea-ctrl-agent.service coturn.service 2>/dev/null || true
+    $SUDO systemctl disable --now -q kea-dhcp6-server.service kea-ctrl-agent.service coturn.service prometheus.service 2>/dev/null || true
   fi
 fi
 
