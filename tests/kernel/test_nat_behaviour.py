@@ -27,7 +27,7 @@ def discover(lab, test: str, port: int) -> tuple[str, set[str]]:
     return verdicts[0], set(re.findall(r"UDP reflexive addr: (\S+)", out))
 
 
-@pytest.mark.parametrize("backend", ["nftables", "iptables-legacy"])
+@pytest.mark.parametrize("backend", ["nftables", "iptables-nft"])
 def test_stun_client_sees_each_mapping_and_filtering_setting_inside_the_port_set(lab, tmp_path, backend):
     ce = lab.ce_params()
     chain = lab.br_add_ce(ce)
@@ -62,7 +62,7 @@ def test_stun_client_sees_each_mapping_and_filtering_setting_inside_the_port_set
     assert lab.br_dropped(chain) == 0
 
 
-@pytest.mark.parametrize("backend", ["nftables", "iptables-nft"])
+@pytest.mark.parametrize("backend", ["nftables", "iptables-legacy"])
 def test_a_crowded_range_spreads_the_next_flow_instead_of_dropping_it(lab, tmp_path, backend):
     """A range of 16 ports holds 16 flows towards one server port; the kernel drops the 17th at
     confirm, for as long as the 16 live (a black hole that retries cannot leave). 40 LAN sockets

@@ -322,6 +322,22 @@ def hold_tcp(dst: str, out_path: str, stop_path: str, seconds: float = 300) -> N
         json.dump(state, out)
 
 
+def hold_many(dst: str, n: int, stop_path: str, seconds: float = 300) -> None:
+    """n TCP connections held open (each answered once) until `stop_path` exists."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection((dst, TCP_PORT), timeout=5)
+            s.makefile("rb").readline()
+            socks.append(s)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not os.path.exists(stop_path):
+            time.sleep(0.2)
+    finally:
+        for s in socks:
+            s.close()
+
+
 def udp_flows(dst: str, out_path: str, stop_path: str, seconds: float = 300) -> None:
     """A stream of new UDP flows to `dst`'s echo port, each from a new socket (a new source port:
     a new conntrack entry, and a new NAT binding), until `stop_path` exists. Counts to `out_path`."""
