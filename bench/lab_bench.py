@@ -48,6 +48,8 @@ GOAL_RSS_MIB = 40
 # table is decoded and dropped, at most a tenth of the no-op sync it used to set off.
 GOAL_FOREIGN_ROUTES, GOAL_FOREIGN_COMMIT = 1.1, 0.1
 GOAL_GUARD_THROUGHPUT = 0.98  # the egress guard: at least 98 % of the tunnel's throughput without it
+GOAL_SCRAPE = 0.25  # issue 22: a scrape of /metrics costs at most a quarter of a no-op sync
+METRICS = "127.0.0.1:9849"
 
 
 def cpu() -> float:
@@ -403,14 +405,14 @@ class Capture:
 def daemon_rows(lab: Lab, tmp: Path, noop_cpu: float, n: int = 12) -> list[dict]:
     """`mape-daemon run` as installed (auto: nftables here) with a LAN host pinging the internet:
     renumberings from RA to the first packet of the new mapping, repairs, an idle hour, RSS."""
-    d = Daemon(lab, tmp, '[wan]\ninterface = "wan0"\n').start()
+    d = Daemon(lab, tmp, f'[wan]\ninterface = "wan0"\n[metrics]\nlisten = "{METRICS}"\n').start()
     sender = ("import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
               f"while True:\n    s.sendto(b'x', ('{SERVER}', 9))\n    time.sleep(0.02)\n")  # fmt: skip
     ping = popen(lab.lan, sys.executable, "-c", sender)  # a LAN host's steady flow (50 packets/s)
     cap = Capture(lab.ce, "wan0")
     try:
         wait_for(d.synced_by_me, 180, "the first sync", every=0.05)
-        rows = guard_rows(lab) + foreign_commit_rows(lab, d, noop_cpu)
+        rows = guard_rows(lab) + foreign_commit_rows(lab, d, noop_cpu) + scrape_rows(lab, d, noop_cpu)
         total, share = [], []
         for i in range(1, n + 1):
             new = IPv6Network(f"2400:4050:14{i:02x}:5600::/64")
@@ -563,6 +565,23 @@ def foreign_commit_rows(lab: Lab, d: Daemon, noop_cpu: float, commits: int = 300
                 per_commit, "s", noop_cpu, "one no-op sync (nftables): what each commit set off before",
                 goal=goal(per_commit / noop_cpu, GOAL_FOREIGN_COMMIT, "decoding the commit's messages"),
                 repairs=d.state().get("repairs"))]  # fmt: skip
+
+
+SCRAPER = """import sys, urllib.request
+for _ in range(int(sys.argv[2])):
+    urllib.request.urlopen("http://" + sys.argv[1] + "/metrics", timeout=10).read()
+"""
+
+
+def scrape_rows(lab: Lab, d: Daemon, noop_cpu: float, scrapes: int = 200) -> list[dict]:
+    """The daemon's CPU per scrape of /metrics (one Prometheus every 0 s: back to back)."""
+    time.sleep(1)
+    c0 = daemon_cpu_ns(d)
+    assert popen(lab.ce, sys.executable, "-c", SCRAPER, METRICS, str(scrapes)).wait(600) == 0
+    per_scrape = (daemon_cpu_ns(d) - c0) / 1e9 / scrapes
+    return [row(f"a scrape of /metrics: daemon CPU ({scrapes} back to back)", per_scrape, "s", noop_cpu,
+                "one no-op sync (nftables)", goal=goal(per_scrape / noop_cpu, GOAL_SCRAPE,
+                                                        "prometheus_client's text exposition"))]  # fmt: skip
 
 
 def iperf(lab: Lab, seconds: int = 4) -> float:
