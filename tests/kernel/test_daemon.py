@@ -11,6 +11,7 @@ import time
 
 from tests.lab import traffic
 from tests.lab.daemon import Daemon
+from tests.lab.mapping import OCN_SNAT_RULES
 from tests.lab.netns import call, popen, sh, spawn
 from tests.lab.topo import SERVER, wait_for
 
@@ -259,8 +260,8 @@ def test_churn_renumbering_flushes_and_reloads_never_send_wrong_traffic(lab, tmp
 
         for proto in ("TCP", "UDP", "ICMP"):
             sh(lab.ce, "iptables", "-t", "nat", "-F", f"MAPE-SNAT-{proto}")
-        wait_for(lambda: sh(lab.ce, "iptables-save", "-t", "nat").count(f"--to-source {moved.ipv4}:") == 189, 60,
-                 "the periodic sync to restore SNAT")  # fmt: skip
+        snat = lambda: sh(lab.ce, "iptables-save", "-t", "nat").count(f"--to-source {moved.ipv4}:")  # noqa: E731
+        wait_for(lambda: snat() == OCN_SNAT_RULES, 60, "the periodic sync to restore SNAT")
         cfg.write_text(CONFIG.replace("sync_interval = 5", "sync_interval = 3") + "[tunnel]\nmtu = 1400\n")
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "mtu 1400" in sh(lab.ce, "ip", "link", "show", "ip6tnl1"), 30, "the reload")

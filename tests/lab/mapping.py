@@ -24,6 +24,9 @@ class LabRule:
 
 
 # The rules the lab's ISP serves, from the operators' published-by-community tables.
+# iptables SNAT rules of an OCN mapping: per block, one for tcp and icmp, two for udp (by source
+# port while the range has room, then spread per connection).
+OCN_SNAT_RULES = 4 * 63
 OCN = LabRule("2400:4050::/34", "153.240.0.0/16", 22, 6, "2001:380:a120::9")
 V6PLUS = LabRule("240b:10::/31", "106.72.0.0/15", 25, 4, "2404:9200:225:100::64")
 

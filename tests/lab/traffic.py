@@ -313,13 +313,11 @@ def hold_tcp(dst: str, out_path: str, stop_path: str, seconds: float = 300) -> N
                     state["broken"] = "closed"
                     break
                 state["echoes"] += 1
-                with open(out_path, "w") as out:
-                    json.dump(state, out)
+                write_counts(out_path, state)
                 time.sleep(0.3)
     except OSError as e:
         state["broken"] = str(e)
-    with open(out_path, "w") as out:
-        json.dump(state, out)
+    write_counts(out_path, state)
 
 
 def hold_many(dst: str, n: int, stop_path: str, seconds: float = 300) -> None:
