@@ -209,7 +209,7 @@ def reload_and_restart_with(lab, workdir, ce, chain, iptables: str) -> None:
         checks.data_path(lab, ce, chain)
         before = checks.foreign(lab.ce, iptables)
         # With legacy iptables firewalld's D-Bus signal is the only news of its flush.
-        by = "firewalld" if iptables == "iptables-legacy" else None
+        by = ("firewalld",) if iptables == "iptables-legacy" else ()
         repaired(lab, d, ce, fw.reload, iptables, by)
         wait_for(lambda: fw.zone_of("ip6tnl1") == "mape", 30, "the binding after the reload")  # else: rejected
         checks.data_path(lab, ce, chain)
