@@ -256,9 +256,9 @@ def eim(ctx: Context) -> bool:
     return "udp" in ctx.protos and ctx.config.snat.udp_mapping == "endpoint-independent"
 
 
-def nft_snat(ctx: Context, match: str) -> tuple[NftChain, ...]:
-    """nftables SNAT rules for what passes `match` (in our chain `chain`): UDP by its source port
-    (endpoint-independent mapping), then the rest spread per connection."""
+def nft_snat(ctx: Context, match: str) -> tuple[str, ...]:
+    """nftables SNAT rules for what passes `match`: UDP by its source port (endpoint-independent
+    mapping), then the rest spread per connection."""
     ipv4 = str(ctx.params.ipv4)
     rules = nft_eim_rules(match, ipv4, ctx.pool) if eim(ctx) else []
     entries = ", ".join(f"{i} : {ipv4} . {lo}-{hi}" for i, (lo, hi) in enumerate(ctx.pool))

@@ -63,22 +63,22 @@ def usage(flows: list[Flow], ranges: list[tuple[int, int]]) -> dict[str, Usage]:
 class Exhaustion:
     """Episodes per protocol: `update` returns the lines to log (start or end), once each."""
 
-    warn_percent: float = 80.0
     open: dict[str, str] = field(default_factory=dict)  # protocol -> why its episode is open
 
-    def why(self, u: Usage) -> str | None:
+    @staticmethod
+    def why(u: Usage, warn_percent: float) -> str | None:
         reasons = []
-        if u.of and 100 * u.share >= self.warn_percent:
-            reasons.append(f"{u.in_use} of {u.of} ports in use ({100 * u.share:.0f}% >= {self.warn_percent:g}%)")
+        if u.of and 100 * u.share >= warn_percent:
+            reasons.append(f"{u.in_use} of {u.of} ports in use ({100 * u.share:.0f}% >= {warn_percent:g}%)")
         if u.fullest is not None and u.fullest_in_use >= u.fullest_size:
             reasons.append(f"block {u.fullest[0]}-{u.fullest[1]} full")
         return "; ".join(reasons) or None
 
-    def update(self, usages: dict[str, Usage]) -> list[tuple[str, str]]:
+    def update(self, usages: dict[str, Usage], warn_percent: float) -> list[tuple[str, str]]:
         """[(\"start\" | \"end\", text)] for the protocols whose episode began or ended."""
         lines = []
         for proto, u in usages.items():
-            why = self.why(u)
+            why = self.why(u, warn_percent)
             if why and proto not in self.open:
                 top = ", ".join(f"{h} ({n})" for h, n in u.hosts[:TOP_HOSTS]) or "none"
                 lines.append(("start", f"{proto} ports running out: {why}; most by {top}"))

@@ -73,7 +73,7 @@ class Service:
         self.syncs = 0
         self.metrics = Metrics()
         self.metrics_problem: str | None = None  # why /metrics is not served, as said once
-        self.exhaustion = Exhaustion(config.ports.warn_percent)
+        self.exhaustion = Exhaustion()
         stop_at = os.environ.get("MAPE_DEBUG_STOP_BEFORE")  # test knob: freeze before an action kind
         if stop_at:
             self.reconciler.before_apply = _stop_before(stop_at, lambda: self.syncs)
@@ -209,8 +209,7 @@ class Service:
             except (OSError, MapeError):
                 return  # conntrack busy or gone for a moment: the next reading
             usages = usage(flows, list(p.port_ranges))
-            self.exhaustion.warn_percent = self.config.ports.warn_percent
-            lines = self.exhaustion.update(usages)
+            lines = self.exhaustion.update(usages, self.config.ports.warn_percent)
         self.metrics.snapshot.usage = usages
         self.metrics.snapshot.exhausted = frozenset(self.exhaustion.open)
         for kind, text in lines:
