@@ -229,6 +229,9 @@ class Lab:
         log = open(self.dir / "kea.out.log", "ab")  # noqa: SIM115 - the process keeps it
         self.procs["kea"] = netns.popen(self.isp, "kea-dhcp6", "-c", str(conf), stdout=log, stderr=log, env=env)
         netns.sh(self.isp, "ip", "-6", "route", "replace", self.delegation, "dev", self.isp_if)
+        # Listening before a client asks: a Solicit lost to a server still starting is retried
+        # only after 1+2+4+...+32 s (RFC 8415 backoff), past what a test waits.
+        wait_for(lambda: ":547 " in netns.sh(self.isp, "ss", "-Huln"), 60, "Kea listening")
 
     def redelegate(self, prefix: str) -> None:
         """The ISP moves the line to another prefix: Kea restarted with only that one in its pool
