@@ -18,6 +18,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import RetryableError
 from ..state import Flow
+from . import ctnetlink
 
 PROTO_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMP: "icmp"}
 
@@ -87,11 +88,9 @@ def cleanup(drop_ipv4: Iterable[str], ipv4: str | None, ranges, unnated_via: str
 
 def nat_flows(ipv4: str) -> list[Flow]:
     """Every tracked connection NATed to `ipv4`: its protocol, the port (ICMP id) of the set it
-    holds, and the LAN host it came from."""
-    with Conntrack() as ct:
-        return [
-            Flow(PROTO_NAMES[e.tuple_orig.proto], port, e.tuple_orig.saddr)
-            for e in _entries(ct)
-            if e.tuple_reply.daddr == ipv4 and e.tuple_orig.proto in PROTO_NAMES
-            and (port := _reply_port(e)) is not None
-        ]  # fmt: skip
+    holds, and the LAN host it came from. Lean (see ctnetlink): it runs every minute."""
+    try:
+        entries = ctnetlink.dump(ipv4)
+    except OSError as e:
+        raise RetryableError(f"reading conntrack: {e.strerror or e}") from None
+    return [Flow(PROTO_NAMES[proto], port, host) for proto, port, host in entries if proto in PROTO_NAMES]
