@@ -253,8 +253,9 @@ class NftChange(ActionBase):
 @dataclass(frozen=True)
 class ConntrackCleanup(ActionBase):
     """Forget connections whose mapping is no longer right, so they neither hold ports nor keep
-    sending what the BR drops: those NATed to an old MAP IPv4, those NATed to `ipv4` on a port or
-    ICMP id outside `ranges`, and (after a repair) those that left by `unnated_via` without NAT."""
+    sending what the BR drops: those NATed to (or forwarded in to) an old MAP IPv4, those NATed
+    to `ipv4` on a port or ICMP id outside `ranges`, and (after a repair) those that left by
+    `unnated_via` without NAT."""
 
     drop_ipv4: tuple[str, ...] = ()
     ipv4: str | None = None

@@ -158,7 +158,12 @@ def test_conntrack_cleanup_deletes_exactly_the_stale_mappings(topo):
         call(client, traffic.udp_from_port, SERVER, sport)
     with inside(router):
         assert conntrack.cleanup((), str(P.ipv4), P.port_ranges, None) == 0  # all in the set: kept
-        assert conntrack.cleanup((str(P.ipv4),), None, (), None) == 2  # the IPv4 is no longer ours
+        # A port forward's connection: to the MAP IPv4, DNATed to the LAN host.
+        sh(router, "conntrack", "-I", "-p", "tcp", "-s", SERVER, "-d", str(P.ipv4), "--sport", "5555", "--dport",
+           "1377", "-r", "10.77.0.2", "-q", SERVER, "--reply-port-src", "22", "--reply-port-dst", "5555",
+           "--state", "ESTABLISHED", "--timeout", "600")  # fmt: skip
+        assert conntrack.cleanup((), str(P.ipv4), P.port_ranges, None) == 0  # still ours: kept
+        assert conntrack.cleanup((str(P.ipv4),), None, (), None) == 3  # the IPv4 is no longer ours
     # Entries that left by the tunnel without any NAT (our SNAT was missing, the guard too).
     snat(router, False)
     call(client, traffic.udp_from_port, SERVER, 41005)

@@ -39,12 +39,17 @@ def _entries(ct: Conntrack) -> Iterator:
         raise RetryableError(f"reading conntrack: {os.strerror(e.code)}") from None
 
 
+def _old(entry, drop_ipv4: set[str]) -> bool:
+    """NATed to (or sent by the router from) an old MAP IPv4, or forwarded in to it (DNAT)."""
+    return entry.tuple_reply.daddr in drop_ipv4 or entry.tuple_orig.daddr in drop_ipv4
+
+
 def stale(entry, drop_ipv4: set[str], ipv4: str | None, ranges, unnated: bool) -> bool:
     """True for an entry whose mapping is wrong by the rules of ConntrackCleanup (the route check
     for un-NATed entries is the caller's)."""
     o, r = entry.tuple_orig, entry.tuple_reply
-    if r.daddr in drop_ipv4:
-        return True  # NATed to (or sent by the router from) an old MAP IPv4
+    if _old(entry, drop_ipv4):
+        return True
     if ipv4 is not None and r.daddr == ipv4:
         # NATed to the MAP IPv4 (or sent by the router from it): its port must be in the set.
         return o.proto in PROTO_NAMES and not _in(_reply_port(entry), ranges)
@@ -72,7 +77,7 @@ def cleanup(drop_ipv4: Iterable[str], ipv4: str | None, ranges, unnated_via: str
         victims = [e for e in _entries(ct) if stale(e, drop, ipv4, ranges, via is not None)]
         for e in victims:
             if (
-                e.tuple_reply.daddr not in drop
+                not _old(e, drop)
                 and e.tuple_orig.saddr == e.tuple_reply.daddr
                 and not by_tunnel(e.tuple_orig.daddr)
             ):
