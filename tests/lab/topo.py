@@ -178,7 +178,10 @@ class Lab:
             autonomous = "on" if self.slaac else "off"
             blocks.append(f"  prefix {p} {{ AdvOnLink on; AdvAutonomous {autonomous}; {life} }};")
         body = "\n".join(blocks)
-        timing = "  AdvSendAdvert on;\n  MinRtrAdvInterval 3;\n  MaxRtrAdvInterval 4;\n"
+        # RAs every 3-4 s (renumberings are seen at once), a router lifetime of a real line's
+        # 1800 s: radvd's default (3 x the interval, 12 s) let the WAN's default route expire when
+        # a loaded TCG delayed an RA, and the tunnel then answered "No route to host".
+        timing = "  AdvSendAdvert on;\n  MinRtrAdvInterval 3;\n  MaxRtrAdvInterval 4;\n  AdvDefaultLifetime 1800;\n"
         if self.delegation:
             timing += "  AdvManagedFlag on;\n"  # addresses and prefixes by DHCPv6
         return f"interface {self.isp_if} {{\n{timing}{body}\n}};\n"
