@@ -14,6 +14,7 @@ APT_PACKAGES=(
   radvd ppp pppoe iperf3                                  # the lab's simulated ISP (iperf3: make bench)
   kea-dhcp6-server dhcpcd-base                            # DHCPv6-PD in the lab: the ISP's server, a client
   coturn                                                  # a STUN server (RFC 5780) and a NAT-behaviour client
+  dnsmasq-base openssl                                    # HB46PP: the line's resolver (TXT record), a lab CA
   firewalld network-manager dbus                          # the host managers the lab lives beside
   miniupnpd miniupnpd-nftables miniupnpc                  # UPnP beside us (installed disabled) and a client
   dpkg-dev debhelper                                      # the Debian package (packaging/)

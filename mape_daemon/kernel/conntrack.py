@@ -76,11 +76,7 @@ def cleanup(drop_ipv4: Iterable[str], ipv4: str | None, ranges, unnated_via: str
 
         victims = [e for e in _entries(ct) if stale(e, drop, ipv4, ranges, via is not None)]
         for e in victims:
-            if (
-                not _old(e, drop)
-                and e.tuple_orig.saddr == e.tuple_reply.daddr
-                and not by_tunnel(e.tuple_orig.daddr)
-            ):
+            if not _old(e, drop) and e.tuple_orig.saddr == e.tuple_reply.daddr and not by_tunnel(e.tuple_orig.daddr):
                 continue  # not NATed, but not bound for the tunnel either (LAN to LAN, PPPoE)
             try:
                 ct.delete(e)

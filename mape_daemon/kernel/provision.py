@@ -1,0 +1,208 @@
+"""One HB46PP access (spec section 3.6) on the wire: the TXT lookup on the line's own resolvers,
+then the HTTP(S) GET over IPv6, following 307s. Blocking; the service runs it in a thread.
+
+Our own small DNS client, not the host's resolver: the record lives only on the resolvers the
+line announces (a host pointed at a public resolver would never see it), and NXDOMAIN/NODATA
+("this line does not provision") must be told apart from a failure ("ask again soon").
+"""
+
+from __future__ import annotations
+
+import http.client
+import secrets
+import socket
+import ssl
+import struct
+from dataclasses import dataclass
+from ipaddress import IPv6Address
+from urllib.parse import urljoin, urlsplit
+
+from ..hb46pp import TXT_NAME, Offer, Outcome, Pointer, ProvisioningError, parse_offer, parse_txt, query_url
+
+TXT, AAAA = 16, 28
+NOERROR, NXDOMAIN = 0, 3
+RCODES = {1: "FORMERR", 2: "SERVFAIL", 4: "NOTIMP", 5: "REFUSED"}
+MAX_REDIRECTS = 3
+BODY_LIMIT = 1 << 20  # 256 rules of MAP-E are about 30 KiB
+
+
+class NoRecord(Exception):
+    """NXDOMAIN or NODATA: the name has no record of that type on this resolver."""
+
+
+class DnsFailed(Exception):
+    """No usable answer from any resolver (timeout, SERVFAIL, REFUSED, garbage)."""
+
+
+def _name(qname: str) -> bytes:
+    return b"".join(bytes([len(p)]) + p.encode() for p in qname.rstrip(".").split(".")) + b"\0"
+
+
+def _skip_name(msg: bytes, at: int) -> int:
+    while True:
+        n = msg[at]
+        if n == 0:
+            return at + 1
+        if n & 0xC0 == 0xC0:
+            return at + 2
+        at += n + 1
+
+
+def parse_reply(msg: bytes, qid: int, qtype: int) -> list[bytes]:
+    """The answer section's RDATA of type `qtype`. Raises NoRecord for NXDOMAIN or an empty
+    NOERROR answer, DnsFailed for any other rcode or a reply that is not ours."""
+    if len(msg) < 12:
+        raise DnsFailed("a truncated DNS reply")
+    rid, flags, qd, an = struct.unpack_from("!HHHH", msg)
+    if rid != qid or not flags & 0x8000:
+        raise DnsFailed("a DNS reply that is not ours")
+    rcode = flags & 0xF
+    if rcode == NXDOMAIN:
+        raise NoRecord("NXDOMAIN")
+    if rcode != NOERROR:
+        raise DnsFailed(RCODES.get(rcode, f"rcode {rcode}"))
+    at = 12
+    for _ in range(qd):
+        at = _skip_name(msg, at) + 4
+    out = []
+    for _ in range(an):
+        at = _skip_name(msg, at)
+        rtype, _, _, length = struct.unpack_from("!HHIH", msg, at)
+        at += 10
+        if rtype == qtype:
+            out.append(msg[at : at + length])
+        at += length
+    if not out:
+        raise NoRecord("NODATA")
+    return out
+
+
+def _txt_strings(rdata: bytes) -> str:
+    """A TXT record's character-strings, joined (a long record comes split)."""
+    parts, at = [], 0
+    while at < len(rdata):
+        n = rdata[at]
+        parts.append(rdata[at + 1 : at + 1 + n].decode("utf-8", "replace"))
+        at += n + 1
+    return "".join(parts)
+
+
+def _sockaddr(server: str, port: int = 53) -> tuple:
+    """A resolver address, link-local with its zone (fe80::1%wan0, as an RA's RDNSS gives it)."""
+    return socket.getaddrinfo(server, port, socket.AF_INET6 if ":" in server else socket.AF_INET,
+                              socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)[0][4]  # fmt: skip
+
+
+def query(qname: str, qtype: int, resolvers: list[str], timeout: float = 3.0) -> list[bytes]:
+    """Ask each resolver in turn (over TCP when the reply is truncated). NoRecord from the first
+    resolver that says so; DnsFailed when none answered usefully."""
+    if not resolvers:
+        raise DnsFailed("no resolver learned on the WAN")
+    failures = []
+    for server in resolvers:
+        qid = secrets.randbits(16)
+        packet = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + _name(qname) + struct.pack("!HH", qtype, 1)
+        try:
+            addr = _sockaddr(server)
+            family = socket.AF_INET6 if len(addr) == 4 else socket.AF_INET
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.settimeout(timeout)
+                s.connect(addr)
+                s.send(packet)
+                reply = s.recv(4096)
+            if struct.unpack_from("!H", reply, 2)[0] & 0x0200:  # TC: the whole answer over TCP
+                with socket.socket(family, socket.SOCK_STREAM) as t:
+                    t.settimeout(timeout)
+                    t.connect(addr)
+                    t.sendall(struct.pack("!H", len(packet)) + packet)
+                    reply = _read_tcp(t)
+            return parse_reply(reply, qid, qtype)
+        except NoRecord:
+            raise
+        except (OSError, DnsFailed, struct.error, IndexError) as e:
+            failures.append(f"{server}: {getattr(e, 'strerror', None) or e or type(e).__name__}")
+    raise DnsFailed("; ".join(failures))
+
+
+def _read_tcp(sock: socket.socket) -> bytes:
+    data = b""
+    while len(data) < 2 or len(data) < 2 + struct.unpack_from("!H", data)[0]:
+        chunk = sock.recv(65535)
+        if not chunk:
+            raise DnsFailed("the resolver closed the TCP connection")
+        data += chunk
+    return data[2:]
+
+
+@dataclass(frozen=True)
+class Access:
+    """One access's end: the outcome (it decides the next wait), what was learned, and a line
+    that says what happened (never a credential: the token is not in it)."""
+
+    outcome: Outcome
+    offer: Offer | None = None
+    detail: str = ""
+    pointer: Pointer | None = None
+
+
+def get(url: str, verify: bool, resolvers: list[str], cafile: str | None = None,
+        timeout: float = 10.0) -> tuple[int, str | None, bytes]:  # fmt: skip
+    """GET over IPv6 only (section 3.3), the host's AAAA from the line's resolvers; SNI and the
+    host name checked when `verify`. (status, Location, body)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        addr = str(IPv6Address(host))
+    except ValueError:
+        addr = str(IPv6Address(query(host, AAAA, resolvers)[0]))
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    sock = socket.create_connection((addr, port), timeout)
+    if https:
+        ctx = ssl.create_default_context(cafile=cafile) if verify else ssl._create_unverified_context()
+        sock = ctx.wrap_socket(sock, server_hostname=host)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn.sock = sock  # already connected (and wrapped): http.client only speaks HTTP on it
+    try:
+        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else "") or "/",
+                     headers={"Host": parts.netloc, "User-Agent": "mape-daemon"})  # fmt: skip
+        r = conn.getresponse()
+        return r.status, r.getheader("Location"), r.read(BODY_LIMIT)
+    finally:
+        conn.close()
+
+
+def access(resolvers: list[str], capability: tuple[str, ...], token: str | None = None,
+           cafile: str | None = None) -> Access:  # fmt: skip
+    """Steps b to i of section 3.6, once: the record, the GET (307s followed, never from https
+    down to http when the record asked for verification), the answer checked."""
+    try:
+        pointer = parse_txt([_txt_strings(r) for r in query(TXT_NAME, TXT, resolvers)])
+    except NoRecord as e:
+        return Access(Outcome.NO_RECORD, detail=f"no {TXT_NAME} TXT record on the line's resolvers ({e})")
+    except DnsFailed as e:
+        return Access(Outcome.DNS_FAILED, detail=f"the {TXT_NAME} TXT lookup failed: {e}")
+    except ProvisioningError as e:
+        return Access(Outcome.NO_RECORD, detail=str(e))  # c.2 covers a record not of the spec's form
+    url = query_url(pointer, capability, token)
+    shown = url.split("?")[0]
+    for _ in range(MAX_REDIRECTS + 1):
+        try:
+            status, location, body = get(url, pointer.verify, resolvers, cafile)
+        except (OSError, DnsFailed, NoRecord, http.client.HTTPException) as e:
+            why = getattr(e, "reason", None) or getattr(e, "strerror", None) or e or type(e).__name__
+            return Access(Outcome.NO_REPLY, detail=f"no answer from {shown}: {why}", pointer=pointer)
+        if status == 307 and location:
+            nxt = urljoin(url, location)
+            if pointer.verify and urlsplit(nxt).scheme != "https":
+                return Access(Outcome.BAD_REPLY, detail=f"{shown} redirected to plain http", pointer=pointer)
+            url, shown = nxt, nxt.split("?")[0]
+            continue
+        if status != 200:
+            return Access(Outcome.BAD_REPLY, detail=f"{shown} answered HTTP {status}", pointer=pointer)
+        try:
+            offer = parse_offer(body)
+        except ProvisioningError as e:
+            return Access(Outcome.BAD_REPLY, detail=f"{shown}: {e}", pointer=pointer)
+        return Access(Outcome.OK, offer, f"{shown} offers {', '.join(offer.order) or 'nothing'}", pointer)
+    return Access(Outcome.BAD_REPLY, detail=f"more than {MAX_REDIRECTS} redirects from {shown}", pointer=pointer)

@@ -1,0 +1,46 @@
+"""An HB46PP provisioning server for the lab: HTTP(S) over IPv6 answering from a JSON file the test
+rewrites ({path: {"status": int, "body": str, "location": str}}; an unknown path is a 404), and
+logging every request's path and query. The TXT record that points at it is dnsmasq's
+(tests/lab/pki.py makes the lab CA and the server's certificate)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+class _Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def serve(address: str, port: int, answers: str, log: str, cert: str | None = None, key: str | None = None) -> None:
+    """Until killed. `cert`/`key`: HTTPS with them; without: plain HTTP."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            with open(log, "a") as f:
+                f.write(json.dumps({"path": self.path, "host": self.headers.get("Host")}) + "\n")
+            table = json.loads(Path(answers).read_text())
+            a = table.get(urlsplit(self.path).path, {"status": 404, "body": "not here"})
+            body = a.get("body", "").encode()
+            self.send_response(a["status"])
+            if "location" in a:
+                self.send_header("Location", a["location"])
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = _Server((address, port), Handler)
+    if cert:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    server.serve_forever()

@@ -1,0 +1,160 @@
+"""One HB46PP access on the wire (spec section 3.6), on this machine's kernel: real dnsmasq
+resolvers in an ISP namespace answering (or not) the 4over6.info TXT record, and a real HTTPS
+server with a lab CA, reached over IPv6 only. Each of the spec's failure cases ends in the outcome
+that decides the next wait.
+
+    router (2001:db8:1::2) --r0/i0-- isp (resolvers ::11-::16, provisioning server ::80)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mape_daemon.hb46pp import Outcome
+from mape_daemon.kernel import provision
+from tests.hostns import inside
+from tests.lab import hb46pp_server, pki
+from tests.lab.netns import popen, sh, spawn
+from tests.test_hb46pp import SPEC_EXAMPLE
+
+HOST = "prov.lab.example"
+SERVER = "2001:db8:1::80"
+# One resolver per behaviour of the line's DNS (dnsmasq, authoritative for its names).
+OK, NXDOMAIN, NODATA, REFUSED, SILENT, WRONG_CA = (f"2001:db8:1::{n}" for n in (11, 12, 13, 14, 16, 17))
+
+
+def _dnsmasq(ns: str, listen: str, *args: str):
+    return popen(ns, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--pid-file=", "--port=53",
+                 "--bind-interfaces", f"--listen-address={listen}", "--no-resolv", "--no-hosts", "--user=root",
+                 *args)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory):
+    tag = uuid.uuid4().hex[:6]
+    router, isp = f"pr{tag}", f"pi{tag}"
+    d = tmp_path_factory.mktemp("hb46pp")
+    procs, pids = [], []
+    try:
+        for ns in (router, isp):
+            sh(None, "ip", "netns", "add", ns)
+            sh(ns, "ip", "link", "set", "lo", "up")
+        sh(None, "ip", "link", "add", "r0", "netns", router, "type", "veth", "peer", "i0", "netns", isp)
+        sh(router, "ip", "addr", "add", "2001:db8:1::2/64", "dev", "r0", "nodad")
+        for n in (1, 11, 12, 13, 14, 15, 16, 17, 80):
+            sh(isp, "ip", "addr", "add", f"2001:db8:1::{n}/64", "dev", "i0", "nodad")
+        for ns, dev in ((router, "r0"), (isp, "i0")):
+            sh(ns, "ip", "link", "set", dev, "up")
+        # The silent resolver: its queries vanish (a timeout, not a refusal).
+        sh(isp, "nft", "add table ip6 t; add chain ip6 t in { type filter hook input priority 0; }; "
+                       f"add rule ip6 t in ip6 daddr {SILENT} udp dport 53 drop")  # fmt: skip
+        ca = pki.ca(d)
+        cert, key = pki.server_cert(ca, HOST)
+        other_ca = pki.ca(d, "other-ca")
+        record = f"--txt-record=4over6.info,v=v6mig-1 url=https://{HOST}/config t=b"
+        names = [f"--host-record={HOST},{SERVER}", "--local=/lab.example/", "--local=/4over6.info/"]
+        procs += [
+            _dnsmasq(isp, OK, record, *names),
+            _dnsmasq(isp, NXDOMAIN, *names),
+            _dnsmasq(isp, NODATA, *names, "--host-record=4over6.info,2001:db8::9"),
+            _dnsmasq(isp, REFUSED, "--server=/4over6.info/2001:db8:1::15"),  # forwards to one that refuses
+            _dnsmasq(isp, "2001:db8:1::15"),
+            _dnsmasq(isp, SILENT, record, *names),
+        ]
+        answers, log = d / "answers.json", d / "requests.jsonl"
+        answers.write_text("{}")
+        pids.append(spawn(isp, hb46pp_server.serve, SERVER, 443, str(answers), str(log), str(cert), str(key)))
+        sh(isp, "sh", "-c", f"for i in $(seq 100); do ss -Htln | grep -q '{SERVER}]:443' && exit; sleep 0.1; done")
+        yield router, answers, log, ca, other_ca
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        for ns in (router, isp):
+            sh(None, "ip", "netns", "del", ns, check=False)
+
+
+def serve(answers: Path, table: dict) -> None:
+    answers.write_text(json.dumps({path: {"status": 200, **a} for path, a in table.items()}))
+
+
+def requests(log: Path) -> list[dict]:
+    return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+
+def access(router: str, resolvers: list[str], ca: Path, token: str | None = None) -> provision.Access:
+    with inside(router):
+        return provision.access(resolvers, ("map_e", "dslite"), token, str(ca))
+
+
+def test_a_line_that_provisions_answers_over_https_with_its_ca(line):
+    router, answers, log, ca, _ = line
+    serve(answers, {"/config": {"body": json.dumps(SPEC_EXAMPLE)}})
+    before = len(requests(log))
+    a = access(router, [OK], ca, token="ab" * 32)
+    assert a.outcome is Outcome.OK and a.offer is not None and a.offer.order == ("464xlat", "map_e", "dslite"), a
+    assert a.offer.token == SPEC_EXAMPLE["token"] and a.pointer is not None and a.pointer.verify
+    (req,) = requests(log)[before:]
+    assert req["host"] == HOST and "capability=map_e%2Cdslite" in req["path"] and f"token={'ab' * 32}" in req["path"]
+    assert "ab" * 32 not in a.detail  # a credential is never in what we log
+
+
+def test_the_first_resolver_failing_the_next_one_answers(line):
+    router, answers, _, ca, _ = line
+    serve(answers, {"/config": {"body": json.dumps(SPEC_EXAMPLE)}})
+    assert access(router, [REFUSED, OK], ca).outcome is Outcome.OK
+
+
+@pytest.mark.parametrize(
+    ("resolver", "outcome", "said"),
+    [
+        (NXDOMAIN, Outcome.NO_RECORD, "NXDOMAIN"),
+        (NODATA, Outcome.NO_RECORD, "NODATA"),
+        (REFUSED, Outcome.DNS_FAILED, "REFUSED"),
+        (SILENT, Outcome.DNS_FAILED, "timed out"),
+    ],
+)
+def test_the_txt_lookups_failures_are_told_apart(line, resolver, outcome, said):
+    router, _, _, ca, _ = line
+    a = access(router, [resolver], ca)
+    assert a.outcome is outcome and said in a.detail, a
+
+
+@pytest.mark.parametrize(
+    ("table", "outcome", "said"),
+    [
+        ({}, Outcome.BAD_REPLY, "HTTP 404"),
+        ({"/config": {"status": 403, "body": ""}}, Outcome.BAD_REPLY, "HTTP 403"),
+        ({"/config": {"body": "{not json"}}, Outcome.BAD_REPLY, "not JSON"),
+        ({"/config": {"body": '{"order": []}'}}, Outcome.OK, "offers nothing"),
+        (
+            {"/config": {"status": 307, "location": "/v2/config"}, "/v2/config": {"body": json.dumps(SPEC_EXAMPLE)}},
+            Outcome.OK,
+            "v2/config offers 464xlat, map_e, dslite",
+        ),
+        ({"/config": {"status": 307, "location": f"http://{HOST}/config"}}, Outcome.BAD_REPLY, "to plain http"),
+        ({"/config": {"status": 307, "location": "/config"}}, Outcome.BAD_REPLY, "more than 3 redirects"),
+    ],
+)
+def test_the_servers_answers_end_as_the_spec_says(line, table, outcome, said):
+    router, answers, _, ca, _ = line
+    serve(answers, table)
+    a = access(router, [OK], ca)
+    assert a.outcome is outcome and said in a.detail, a
+    assert (a.offer is not None) == (outcome is Outcome.OK)
+
+
+def test_a_certificate_of_another_ca_is_no_answer(line):
+    router, answers, _, _, other_ca = line
+    serve(answers, {"/config": {"body": json.dumps(SPEC_EXAMPLE)}})
+    a = access(router, [OK], other_ca)
+    assert a.outcome is Outcome.NO_REPLY and "CERTIFICATE_VERIFY_FAILED" in a.detail, a
