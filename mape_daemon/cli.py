@@ -107,7 +107,7 @@ def rule_for(wan: IPv6Network | IPv6Address, args: argparse.Namespace) -> tuple[
     rule too, as the daemon maps) when -c is given and --isp is auto, else the bundled tables."""
     if args.config and args.isp == "auto":
         isp = load(args.config).isp
-        return isp.rule_table().match(wan, isp.isp_filter), isp.psid
+        return isp.match(wan), isp.psid
     return maprules.bundled().match(wan, None if args.isp == "auto" else args.isp), None
 
 

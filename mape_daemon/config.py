@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shlex
 import tomllib
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -78,10 +78,42 @@ class ExplicitRule(Model):
         )
 
 
+def check_resolver(text: str) -> str:
+    """A resolver address; link-local with its interface (fe80::1%wan0), as an RA announces it."""
+    addr, _, zone = text.partition("%")
+    try:
+        ip = ip_address(addr)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+    if ip.version == 6 and ip.is_link_local and not zone:
+        raise ValueError(f"{text!r} is link-local: add its interface, as in {addr}%wan0")
+    if zone:
+        check_ifname(zone)
+    return text
+
+
 class IspConfig(Model):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
     name: Literal["auto", "ocn", "v6plus", "biglobe", "nuro", "explicit"] = "auto"
     rule: ExplicitRule | None = None
     psid: int | None = Field(default=None, ge=0, le=65535, description="provisioned PSID (EA bits carry none)")
+    provisioning: Literal["auto", "hb46pp", "off"] = Field(
+        default="auto", description="HB46PP: auto = its rules if the line answers, else the bundled tables"
+    )
+    resolvers: tuple[Annotated[str, AfterValidator(check_resolver)], ...] = Field(
+        default=(), description="the line's own DNS servers, where the HB46PP record is (none: no provisioning)"
+    )
+    ca_file: Path | None = Field(default=None, description="a private CA for the provisioning server (t=b)")
+    # The rules HB46PP provisioned: set by the daemon (with_provisioned), never by the file.
+    provisioned: maprules.RuleTable | None = Field(default=None, exclude=True, repr=False)
+
+    @field_validator("provisioned", mode="before")
+    @classmethod
+    def _not_from_the_file(cls, value: object) -> None:
+        if value is not None:
+            raise ValueError("is set by the daemon from HB46PP answers, not in the config")
+        return None
 
     @model_validator(mode="after")
     def _rule_iff_explicit(self) -> IspConfig:
@@ -96,11 +128,33 @@ class IspConfig(Model):
                 raise key_error("rule", str(e)) from None
         return self
 
+    @property
+    def provisions(self) -> bool:
+        """HB46PP may give the rules: asked for, and no ISP or rule fixed by the user."""
+        return self.provisioning != "off" and self.name == "auto"
+
+    def with_provisioned(self, table: maprules.RuleTable | None) -> IspConfig:
+        return self.model_copy(update={"provisioned": table})
+
     def rule_table(self) -> maprules.RuleTable:
-        """The rules this config may map a WAN prefix with."""
+        """The rules this config may map a WAN prefix with (before HB46PP's, see `match`)."""
         if self.rule is not None:
             return maprules.RuleTable((self.rule.to_rule(),))
         return maprules.bundled()
+
+    def match(self, prefix: IPv6Network | IPv6Address) -> MapRule:
+        """The rule for `prefix`: HB46PP's when it provisions one (the bundled tables after it,
+        unless provisioning = "hb46pp"), else the configured or bundled rules."""
+        if self.provisions:
+            if self.provisioned is not None:
+                try:
+                    return self.provisioned.match(prefix)
+                except maprules.NoRuleError:
+                    if self.provisioning == "hb46pp":
+                        raise
+            elif self.provisioning == "hb46pp":
+                raise maprules.NoRuleError(f'{prefix}: no HB46PP answer yet (isp.provisioning = "hb46pp")')
+        return self.rule_table().match(prefix, self.isp_filter)
 
     @property
     def isp_filter(self) -> str | None:
@@ -399,6 +453,10 @@ class Config(Model):
         if self.pppoe and self.pppoe.interface in (tunnel, wan):
             raise key_error("pppoe.interface", f"{self.pppoe.interface!r} must differ from the tunnel and the WAN")
         return self
+
+    def with_provisioned(self, table: maprules.RuleTable | None) -> Config:
+        """This config with HB46PP's rules (kept across reloads by the daemon)."""
+        return self.model_copy(update={"isp": self.isp.with_provisioned(table)})
 
     @property
     def lan_interfaces(self) -> tuple[str, ...]:

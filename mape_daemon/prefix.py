@@ -33,7 +33,7 @@ class Selection:
 @lru_cache(maxsize=16)  # every sync maps the same address or two: a no-op sync computes nothing
 def map_address(config: Config, address: str) -> MapParams:
     addr = IPv6Address(address)
-    rule = config.isp.rule_table().match(addr, config.isp.isp_filter)
+    rule = config.isp.match(addr)
     return compute(rule, addr, psid=config.isp.psid)
 
 

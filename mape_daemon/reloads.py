@@ -36,13 +36,14 @@ class ConfigSwitch:
     def __init__(self, path: str, reconciler: Reconciler, records: RecordFile, make_kernel: Callable[[Config], Any]):
         self.path, self.reconciler, self.records, self.make_kernel = path, reconciler, records, make_kernel
         self.pending: Config | None = None  # a reloaded config, swapped in between two syncs
+        self.adapt: Callable[[Config], Config] = lambda cfg: cfg  # what the daemon adds: HB46PP's rules
         self.loaded_at = time.time()
 
     def load(self, mapped: MapParams | None) -> bool:
         """Read the file again; True when a good config now waits for the next sync. `mapped`: the
         running mapping, whose port set a reload's forwards must fit."""
         try:
-            new = load(self.path)
+            new = self.adapt(load(self.path))
             self._check_forwards(new, mapped)
         except ConfigError as e:
             running = "the config loaded at " + time.strftime("%H:%M:%S", time.localtime(self.loaded_at))

@@ -22,6 +22,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from ipaddress import IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,11 @@ from .config import Config, load
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, CannotRunHere, MapeError
 from .events import IPTABLES_NFT_TABLES, OUR_TABLES, Events
 from .journal import SyncJournal, fields, notify, setup_logging, status_line
+from .maprules import RuleTable
 from .metrics import Metrics
 from .portuse import Exhaustion, usage
 from .prefix import source_text
+from .provisioning import Provisioner
 from .reconciler import Reconciler
 from .record import RecordFile, exclusive
 from .reloads import ConfigSwitch
@@ -54,11 +57,16 @@ class Service:
         make_kernel: Callable[[Config], Any],
         state_dir: Path = STATE_DIR,
         kernel_for: Callable[[str], Any] | None = None,
+        provisioner: Provisioner | None = None,
     ):
         self.path, self.records, self.state_dir = config_path, records, state_dir
+        self.provisioner = provisioner or Provisioner()
+        if config.isp.provisions:
+            config = config.with_provisioned(self.provisioner.load_cache())  # the last good answer, meanwhile
         self.reconciler = Reconciler(config, make_kernel(config), records, kernel_for=kernel_for)
         self.runner = Runner(self.sync_once)
         self.configs = ConfigSwitch(config_path, self.reconciler, records, make_kernel)
+        self.configs.adapt = self._with_provisioned
         self.journal = SyncJournal()
         self.events = Events(self.runner, lambda pid: self.reconciler.kernel.committed_by_child(pid),
                              self._firewalld_changed, self._our_tables)  # fmt: skip
@@ -96,6 +104,29 @@ class Service:
         backends = {self.reconciler.kernel.backend, self.records.record.backend}
         return OUR_TABLES | (IPTABLES_NFT_TABLES if "iptables-nft" in backends else frozenset())
 
+    # --- HB46PP ------------------------------------------------------------------------------
+    def _with_provisioned(self, cfg: Config) -> Config:
+        return cfg.with_provisioned(self.provisioner.table if cfg.isp.provisions else None)
+
+    def _provisioned(self, table: RuleTable | None) -> None:
+        """New rules from HB46PP (or none): swapped in by the next sync, as a reload's config is."""
+        base = self.configs.pending or self.config
+        new = self._with_provisioned(base)
+        if new != base:
+            self.configs.pending = new
+            self.runner.trigger("provisioning", urgent=True)
+        elif self.last is not None:
+            self._write_status(self.last)
+
+    def _wan_addresses(self) -> frozenset[str]:
+        """The line's prefixes now (preferred ones, not our CE /128): HB46PP asks again when they
+        change, since its answer may depend on them."""
+        if self.last is None:
+            return frozenset()
+        source = self.last.selection.source
+        found = [w for w in self.last.wan if not w.ours_shape and not w.deprecated] + ([source] if source else [])
+        return frozenset(str(IPv6Network(f"{w.address}/{w.prefixlen}", strict=False)) for w in found)
+
     # --- syncing ----------------------------------------------------------------------------
     def _set_period(self) -> None:
         period = full_check_period(self.config.daemon.sync_interval, self.reconciler.kernel.backend)
@@ -129,6 +160,7 @@ class Service:
         if cause == "periodic":
             self.events.firewalld_recheck.set()  # a zone binding lost without a signal is made again
         self.last = result
+        self.provisioner.address_seen(self._wan_addresses())
         if result.plan:
             self.last_change_seconds = result.seconds
         lines = self.journal.report(result, self.config, cause, triggers)
@@ -283,6 +315,7 @@ class Service:
             upnp=upnp_state,
             config_loaded_at=self.configs.loaded_at,
             ports_running_out=dict(self.exhaustion.open),
+            provisioning=self.provisioner.report.as_dict() if self.config.isp.provisions else None,
         )
 
     # --- signals and the loop ---------------------------------------------------------------
@@ -311,7 +344,10 @@ class Service:
             loop.add_signal_handler(sig, self.runner.stop)
         tasks = await self.events.start(lambda: self.config.tunnel.name, lambda: self.config.firewalld.zone)
         self._serve_metrics()
-        helpers = (asyncio.create_task(self.watchdog()), asyncio.create_task(self.ports_watch()))
+        provisioning = self.provisioner.run(lambda: self.configs.pending or self.config, self._wan_addresses,
+                                            self._provisioned)  # fmt: skip
+        helpers = (asyncio.create_task(self.watchdog()), asyncio.create_task(self.ports_watch()),
+                   asyncio.create_task(provisioning))  # fmt: skip
         try:
             await self.runner.run()
         finally:

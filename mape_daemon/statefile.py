@@ -49,6 +49,7 @@ class DaemonState:
     upnp: dict[str, Any] | None = None
     config_loaded_at: float | None = None
     ports_running_out: dict[str, str] = field(default_factory=dict)  # protocol -> why (an open episode)
+    provisioning: dict[str, Any] | None = None  # HB46PP: the last access and whose rules are in force
 
     def write(self, state_dir: Path = STATE_DIR) -> None:
         write_atomic(state_dir / NAME, json.dumps(asdict(self)))

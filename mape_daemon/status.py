@@ -50,6 +50,20 @@ def manager_lines(s: dict[str, Any]) -> list[str]:
     return out
 
 
+def _clock(t: float | None) -> str:
+    return "?" if t is None else time.strftime("%H:%M", time.localtime(t))
+
+
+def _provisioning(p: dict[str, Any] | None) -> list[str]:
+    """HB46PP's line: whose rules are in force, the last access, and the next."""
+    if not p or p["state"] == "off":
+        return []
+    parts = [p["state"]] + ([f"rules of {p['source']}, fetched {_clock(p['fetched_at'])}"] if p["source"] else [])
+    parts += [p["detail"]] if p["detail"] else []
+    parts += [f"next {_clock(p['next_at'])}"] if p["next_at"] else []
+    return [f"HB46PP:     {'; '.join(parts)}"]
+
+
 def to_text(s: dict[str, Any]) -> str:
     if "last_sync" not in s:
         return s.get("error", "no state")
@@ -59,6 +73,7 @@ def to_text(s: dict[str, Any]) -> str:
         f"prefix:     {s['prefix'] or '-'}  ({s.get('reason') or 'ok'})",
         *([f"from:       {s['prefix_from']}"] if s.get("prefix_from") else []),
         f"ISP/rule:   {s['isp'] or '-'} {s['rule'] or ''}",
+        *_provisioning(s.get("provisioning")),
         f"IPv4:       {s['ipv4'] or '-'}   PSID {s['psid'] if s['psid'] is not None else '-'}",
         f"CE address: {s['ce_ipv6'] or '-'}",
         f"tunnel:     {t['name']} {'up' if t['up'] else 'DOWN' if t['present'] else 'absent'}",

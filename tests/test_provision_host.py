@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from mape_daemon import provisioning
 from mape_daemon.hb46pp import Outcome
-from mape_daemon.kernel import provision
 from tests.hostns import inside
 from tests.lab import hb46pp_server, pki
 from tests.lab.netns import popen, sh, spawn
@@ -91,9 +91,9 @@ def requests(log: Path) -> list[dict]:
     return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
 
 
-def access(router: str, resolvers: list[str], ca: Path, token: str | None = None) -> provision.Access:
+def access(router: str, resolvers: list[str], ca: Path, token: str | None = None) -> provisioning.Access:
     with inside(router):
-        return provision.access(resolvers, ("map_e", "dslite"), token, str(ca))
+        return provisioning.access(resolvers, ("map_e", "dslite"), token, str(ca))
 
 
 def test_a_line_that_provisions_answers_over_https_with_its_ca(line):

@@ -1,5 +1,5 @@
-"""One HB46PP access (spec section 3.6) on the wire: the TXT lookup on the line's own resolvers,
-then the HTTP(S) GET over IPv6, following 307s. Blocking; the service runs it in a thread.
+"""HB46PP on the wire: the TXT lookup on the line's own resolvers, and an HTTP(S) GET over IPv6
+(provisioning.access makes one access of them). Blocking; the service runs it in a thread.
 
 Our own small DNS client, not the host's resolver: the record lives only on the resolvers the
 line announces (a host pointed at a public resolver would never see it), and NXDOMAIN/NODATA
@@ -13,16 +13,12 @@ import secrets
 import socket
 import ssl
 import struct
-from dataclasses import dataclass
 from ipaddress import IPv6Address
-from urllib.parse import urljoin, urlsplit
-
-from ..hb46pp import TXT_NAME, Offer, Outcome, Pointer, ProvisioningError, parse_offer, parse_txt, query_url
+from urllib.parse import urlsplit
 
 TXT, AAAA = 16, 28
 NOERROR, NXDOMAIN = 0, 3
 RCODES = {1: "FORMERR", 2: "SERVFAIL", 4: "NOTIMP", 5: "REFUSED"}
-MAX_REDIRECTS = 3
 BODY_LIMIT = 1 << 20  # 256 rules of MAP-E are about 30 KiB
 
 
@@ -32,6 +28,11 @@ class NoRecord(Exception):
 
 class DnsFailed(Exception):
     """No usable answer from any resolver (timeout, SERVFAIL, REFUSED, garbage)."""
+
+
+class FetchFailed(Exception):
+    """No HTTP answer: no connection, TLS refused (a certificate that does not verify), a reply
+    that is not HTTP."""
 
 
 def _name(qname: str) -> bytes:
@@ -75,6 +76,11 @@ def parse_reply(msg: bytes, qid: int, qtype: int) -> list[bytes]:
     if not out:
         raise NoRecord("NODATA")
     return out
+
+
+def txt(qname: str, resolvers: list[str]) -> list[str]:
+    """The TXT records of `qname`, each one's character-strings joined (a long one comes split)."""
+    return [_txt_strings(r) for r in query(qname, TXT, resolvers)]
 
 
 def _txt_strings(rdata: bytes) -> str:
@@ -134,17 +140,6 @@ def _read_tcp(sock: socket.socket) -> bytes:
     return data[2:]
 
 
-@dataclass(frozen=True)
-class Access:
-    """One access's end: the outcome (it decides the next wait), what was learned, and a line
-    that says what happened (never a credential: the token is not in it)."""
-
-    outcome: Outcome
-    offer: Offer | None = None
-    detail: str = ""
-    pointer: Pointer | None = None
-
-
 def get(url: str, verify: bool, resolvers: list[str], cafile: str | None = None,
         timeout: float = 10.0) -> tuple[int, str | None, bytes]:  # fmt: skip
     """GET over IPv6 only (section 3.3), the host's AAAA from the line's resolvers; SNI and the
@@ -157,52 +152,18 @@ def get(url: str, verify: bool, resolvers: list[str], cafile: str | None = None,
         addr = str(IPv6Address(query(host, AAAA, resolvers)[0]))
     https = parts.scheme == "https"
     port = parts.port or (443 if https else 80)
-    sock = socket.create_connection((addr, port), timeout)
-    if https:
-        ctx = ssl.create_default_context(cafile=cafile) if verify else ssl._create_unverified_context()
-        sock = ctx.wrap_socket(sock, server_hostname=host)
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    conn.sock = sock  # already connected (and wrapped): http.client only speaks HTTP on it
     try:
+        sock = socket.create_connection((addr, port), timeout)
+        if https:
+            ctx = ssl.create_default_context(cafile=cafile) if verify else ssl._create_unverified_context()
+            sock = ctx.wrap_socket(sock, server_hostname=host)
+        conn.sock = sock  # already connected (and wrapped): http.client only speaks HTTP on it
         conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else "") or "/",
                      headers={"Host": parts.netloc, "User-Agent": "mape-daemon"})  # fmt: skip
         r = conn.getresponse()
         return r.status, r.getheader("Location"), r.read(BODY_LIMIT)
+    except (OSError, http.client.HTTPException) as e:
+        raise FetchFailed(getattr(e, "reason", None) or getattr(e, "strerror", None) or e or type(e).__name__) from None
     finally:
         conn.close()
-
-
-def access(resolvers: list[str], capability: tuple[str, ...], token: str | None = None,
-           cafile: str | None = None) -> Access:  # fmt: skip
-    """Steps b to i of section 3.6, once: the record, the GET (307s followed, never from https
-    down to http when the record asked for verification), the answer checked."""
-    try:
-        pointer = parse_txt([_txt_strings(r) for r in query(TXT_NAME, TXT, resolvers)])
-    except NoRecord as e:
-        return Access(Outcome.NO_RECORD, detail=f"no {TXT_NAME} TXT record on the line's resolvers ({e})")
-    except DnsFailed as e:
-        return Access(Outcome.DNS_FAILED, detail=f"the {TXT_NAME} TXT lookup failed: {e}")
-    except ProvisioningError as e:
-        return Access(Outcome.NO_RECORD, detail=str(e))  # c.2 covers a record not of the spec's form
-    url = query_url(pointer, capability, token)
-    shown = url.split("?")[0]
-    for _ in range(MAX_REDIRECTS + 1):
-        try:
-            status, location, body = get(url, pointer.verify, resolvers, cafile)
-        except (OSError, DnsFailed, NoRecord, http.client.HTTPException) as e:
-            why = getattr(e, "reason", None) or getattr(e, "strerror", None) or e or type(e).__name__
-            return Access(Outcome.NO_REPLY, detail=f"no answer from {shown}: {why}", pointer=pointer)
-        if status == 307 and location:
-            nxt = urljoin(url, location)
-            if pointer.verify and urlsplit(nxt).scheme != "https":
-                return Access(Outcome.BAD_REPLY, detail=f"{shown} redirected to plain http", pointer=pointer)
-            url, shown = nxt, nxt.split("?")[0]
-            continue
-        if status != 200:
-            return Access(Outcome.BAD_REPLY, detail=f"{shown} answered HTTP {status}", pointer=pointer)
-        try:
-            offer = parse_offer(body)
-        except ProvisioningError as e:
-            return Access(Outcome.BAD_REPLY, detail=f"{shown}: {e}", pointer=pointer)
-        return Access(Outcome.OK, offer, f"{shown} offers {', '.join(offer.order) or 'nothing'}", pointer)
-    return Access(Outcome.BAD_REPLY, detail=f"more than {MAX_REDIRECTS} redirects from {shown}", pointer=pointer)
