@@ -301,10 +301,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     config = load(args.config)
     host, _, port = args.target.rpartition(":")
+    if config.isp.provisions and config.isp.resolvers:
+        print("mape-daemon doctor: asking HB46PP (isp.resolvers, then the provisioning server)", file=sys.stderr,
+              flush=True)  # fmt: skip
+    config, provisioning = doctor.provision(config)
     reconciler = make_reconciler(config, RecordFile(state_dir()))
     print(f"mape-daemon doctor: checking (a TCP connection to {args.target} through the tunnel, up to "
           f"{args.timeout:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
-    results = doctor.checks(doctor.gather(config, reconciler, state_dir(), (host, int(port)), args.timeout))
+    facts = doctor.gather(config, reconciler, state_dir(), (host, int(port)), args.timeout, provisioning)
+    results = doctor.checks(facts)
     print(json.dumps(doctor.to_json(results)) if args.json else doctor.to_text(results))
     return EXIT_FAILURE if doctor.failed(results) else 0
 

@@ -49,6 +49,7 @@ class Facts:
     now: float = field(default_factory=time.time)
     managers: dict[str, Any] = field(default_factory=dict)
     rp_filter: dict[str, int] = field(default_factory=dict)  # "all" and the PPPoE interface, where they exist
+    provisioning: tuple[str, str] | None = None  # HB46PP: (outcome, what happened) of one access; None: not asked
 
 
 def checks(f: Facts) -> list[Check]:
@@ -61,6 +62,8 @@ def checks(f: Facts) -> list[Check]:
                                     "no SLAAC address and no default route come")  # fmt: skip
         fix = f"sysctl -w net.ipv6.conf.{wan}.accept_ra=2 (and in /etc/sysctl.d/)"
         out.append(Check("router advertisements", ra == "2", f"net.ipv6.conf.{wan}.accept_ra = {ra}{why}", fix))
+    if f.provisioning is not None:
+        out.append(_provisioning(cfg, *f.provisioning))
     if f.computed is None:
         out.append(Check("reading the kernel", False, f.read_error, "run doctor as root"))
         return out + _daemon(f)
@@ -92,6 +95,41 @@ def checks(f: Facts) -> list[Check]:
                      "rule's BR is the line's (isp, or isp.rule.br)"))  # fmt: skip
     out.append(_traffic(f))
     return out + _rest(f)
+
+
+PROVISIONING_FIXES = {
+    "dns failed": "isp.resolvers must be the line's own DNS servers (the WAN's DHCPv6 or RA gives them), "
+    "reachable from this router",
+    "no reply": "the server must be reachable over IPv6 from the WAN; with t=b its certificate must verify "
+    "(isp.ca_file for a private CA)",
+    "bad reply": "the provisioning server's answer is not usable: ask the line's provider",
+    "no record": 'this line does not provision: set isp.provisioning = "auto" (the bundled tables) or give the rule',
+}
+
+
+def _provisioning(cfg: Config, outcome: str, detail: str) -> Check:
+    """One HB46PP access. A line without the record is fine unless provisioning = "hb46pp"."""
+    ok = outcome == "ok" or (outcome == "no record" and cfg.isp.provisioning == "auto")
+    says = detail + ("; the bundled tables are used" if outcome == "no record" and ok else "")
+    return Check("HB46PP", ok, says, "" if ok else PROVISIONING_FIXES.get(outcome, ""))
+
+
+def provision(config: Config) -> tuple[Config, tuple[str, str] | None]:
+    """One HB46PP access, as the daemon would make it now: the config with the rules it gives (or
+    the daemon's cached ones when it fails), and what happened. Unchanged when not provisioning."""
+    from . import hb46pp
+    from .provisioning import CAPABILITY, Provisioner, access
+
+    isp = config.isp
+    if not isp.provisions or not isp.resolvers:
+        return config, None
+    a = access(list(isp.resolvers), CAPABILITY, None, str(isp.ca_file) if isp.ca_file else None)
+    table = Provisioner().load_cache()
+    if a.offer is not None and hb46pp.choose(a.offer, CAPABILITY) == "map_e":
+        table = hb46pp.rule_table(a.offer)
+    elif a.outcome.value == "no record":
+        table = None
+    return config.with_provisioned(table), (a.outcome.value, a.detail)
 
 
 def _forwarding(f: Facts) -> Check:
@@ -211,13 +249,15 @@ def to_json(results: list[Check]) -> dict[str, Any]:
     return {"ok": not failed(results), "checks": [asdict(c) for c in results]}
 
 
-def gather(config: Config, reconciler, state_dir, target: tuple[str, int], timeout: float = 5.0) -> Facts:
-    """The facts, read from this host (`reconciler`: a read-only `compute` is all it is asked)."""
+def gather(config: Config, reconciler, state_dir, target: tuple[str, int], timeout: float = 5.0,
+           provisioning: tuple[str, str] | None = None) -> Facts:  # fmt: skip
+    """The facts, read from this host (`reconciler`: a read-only `compute` is all it is asked;
+    `provisioning`: what `provision` found)."""
     from .errors import MapeError
     from .kernel import LinuxKernel, diagnose
 
     wan, tunnel = config.wan.interface, config.tunnel.name
-    f = Facts(config, None, target=f"{target[0]}:{target[1]}")
+    f = Facts(config, None, target=f"{target[0]}:{target[1]}", provisioning=provisioning)
     f.sysctl = {"ip_forward": diagnose.sysctl("net", "ipv4", "ip_forward"),
                 "forwarding6": diagnose.sysctl("net", "ipv6", "conf", wan, "forwarding"),
                 "accept_ra": diagnose.sysctl("net", "ipv6", "conf", wan, "accept_ra")}  # fmt: skip

@@ -99,9 +99,9 @@ def access(resolvers: list[str], capability: tuple[str, ...], token: str | None 
 
 
 class Provisioner:
-    def __init__(self, lib_dir: Path = LIB_DIR, ask: Callable[..., Access] = access,
+    def __init__(self, lib_dir: Path | None = None, ask: Callable[..., Access] = access,
                  clock: Callable[[], float] = time.time):  # fmt: skip
-        self.cache = lib_dir / CACHE
+        self.cache = (lib_dir or LIB_DIR) / CACHE
         self.ask = ask
         self.clock = clock
         self.table: RuleTable | None = None

@@ -103,3 +103,19 @@ def test_a_foreign_default_in_our_slot_is_named_with_nodefaultroute(tmp_path):
     r.sync()
     got = fails(replace(f, computed=r.compute()))
     assert "default route" in got and "nodefaultroute" in got["default route"].fix
+
+
+def test_hb46pp_is_checked_where_the_line_provisions(tmp_path):
+    """One access's outcome: a line without the record is fine in "auto" (the bundled tables),
+    not in "hb46pp"; each failure with its fix."""
+    auto = parse('[wan]\ninterface = "wan0"\n[isp]\nresolvers = ["2001:db8::53"]\n')
+    only = parse('[wan]\ninterface = "wan0"\n[isp]\nprovisioning = "hb46pp"\nresolvers = ["2001:db8::53"]\n')
+    assert "HB46PP" not in verdicts(facts(tmp_path))  # not asked: no check
+    f = facts(tmp_path, provisioning=("ok", "https://prov/config offers map_e"))
+    assert verdicts(f)["HB46PP"] is True and list(verdicts(f))[2] == "HB46PP"
+    none = ("no record", "no 4over6.info TXT record on the line's resolvers (NXDOMAIN)")
+    assert verdicts(facts(tmp_path, config=auto, provisioning=none))["HB46PP"] is True
+    assert "isp.provisioning" in fails(facts(tmp_path, config=only, provisioning=none))["HB46PP"].fix
+    for outcome, fix in (("dns failed", "isp.resolvers"), ("no reply", "ca_file"), ("bad reply", "provider")):
+        check = fails(facts(tmp_path, config=auto, provisioning=(outcome, "it went wrong")))["HB46PP"]
+        assert fix in check.fix and check.says == "it went wrong", outcome

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import uuid
+from ipaddress import IPv6Network
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,19 @@ def test_a_certificate_of_another_ca_is_no_answer(line):
     serve(answers, {"/config": {"body": json.dumps(SPEC_EXAMPLE)}})
     a = access(router, [OK], other_ca)
     assert a.outcome is Outcome.NO_REPLY and "CERTIFICATE_VERIFY_FAILED" in a.detail, a
+
+
+def test_doctor_asks_as_the_daemon_would_and_maps_with_the_answer(line, tmp_path, monkeypatch):
+    from mape_daemon import doctor, provisioning
+    from mape_daemon.config import parse
+
+    router, answers, _, ca, _ = line
+    monkeypatch.setattr(provisioning, "LIB_DIR", tmp_path)  # no cache of a daemon here
+    serve(answers, {"/config": {"body": json.dumps(SPEC_EXAMPLE)}})
+    base = f'[wan]\ninterface = "wan0"\n[isp]\nca_file = "{ca}"\nresolvers = '
+    with inside(router):
+        cfg, said = doctor.provision(parse(base + f'["{OK}"]\n'))
+        assert said is not None and said[0] == "ok" and cfg.isp.provisioned is not None
+        assert cfg.isp.match(IPv6Network("2001:db8:1:2345::/64")).isp == "hb46pp"
+        cfg, said = doctor.provision(parse(base + f'["{NXDOMAIN}"]\n'))
+        assert said is not None and said[0] == "no record" and cfg.isp.provisioned is None
