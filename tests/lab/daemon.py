@@ -21,7 +21,8 @@ class Daemon:
         self.cfg = tmp_path / "mape.toml"
         self.cfg.write_text(config)
         self.log = tmp_path / "daemon.log"
-        self.env = {**os.environ, "MAPE_STATE_DIR": str(tmp_path / "run"), **(env or {})}
+        self.env = {**os.environ, "MAPE_STATE_DIR": str(tmp_path / "run"), "MAPE_LIB_DIR": str(tmp_path / "lib"),
+                    **(env or {})}  # fmt: skip
         self.proc: subprocess.Popen | None = None
 
     def start(self, **env: str) -> Daemon:

@@ -30,10 +30,11 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from . import netns, traffic
+from . import hb46pp_server, netns, pki, traffic
 from .mapping import OCN, LabCE, LabRule, map_prefix
 
 SERVER = "203.0.113.10"
+HB46PP_HOST = "prov.lab.example"
 STUN_ALT = "203.0.113.11"  # the STUN server's second address (RFC 5780 needs two)
 STUN_PORT = 3478
 ISP_INET, INET_ISP = "198.51.100.1", "198.51.100.2"
@@ -206,6 +207,30 @@ class Lab:
             "-L", STUN_ALT, "-p", str(STUN_PORT), "--alt-listening-port", str(STUN_PORT + 1), stdout=log, stderr=log,
         )  # fmt: skip
         wait_for(lambda: f"{STUN_ALT}:{STUN_PORT + 1}" in netns.sh(self.inet, "ss", "-uln"), 30, "turnserver")
+
+    # --- HB46PP: the line's resolver with the record, and the provisioning server ------------
+    def start_hb46pp(self, answer: dict) -> tuple[str, Path]:
+        """dnsmasq answering 4over6.info (TXT) and the server's name on the ISP's access-link
+        address, and the provisioning server there over HTTPS with a lab CA, answering `answer`
+        at /config (rewrite `self.dir / "hb46pp-answers.json"` to change it). Returns the
+        resolver's address and the CA file."""
+        addr = self._isp_addr(self.prefixes[0])
+        ca = pki.ca(self.dir)
+        cert, key = pki.server_cert(ca, HB46PP_HOST)
+        answers = self.dir / "hb46pp-answers.json"
+        answers.write_text(json.dumps({"/config": {"status": 200, "body": json.dumps(answer)}}))
+        log = open(self.dir / "dnsmasq.log", "ab")  # noqa: SIM115 - the process keeps it
+        self.procs["dnsmasq"] = netns.popen(
+            self.isp, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--pid-file=", "--port=53",
+            "--bind-interfaces", f"--listen-address={addr}", "--no-resolv", "--no-hosts", "--user=root",
+            "--local=/lab.example/", "--local=/4over6.info/", f"--host-record={HB46PP_HOST},{addr}",
+            f"--txt-record=4over6.info,v=v6mig-1 url=https://{HB46PP_HOST}/config t=b", stdout=log, stderr=log,
+        )  # fmt: skip
+        self.pids.append(netns.spawn(self.isp, hb46pp_server.serve, addr, 443, str(answers),
+                                     str(self.dir / "hb46pp-requests.jsonl"), str(cert), str(key)))  # fmt: skip
+        wait_for(lambda: f"[{addr}]:443" in netns.sh(self.isp, "ss", "-Htln"), 30, "the provisioning server")
+        wait_for(lambda: f"[{addr}]:53" in netns.sh(self.isp, "ss", "-Huln"), 30, "dnsmasq")
+        return addr, ca
 
     # --- DHCPv6-PD: Kea delegating to the router ---------------------------------------------
     def _kea_conf(self) -> str:
