@@ -135,6 +135,7 @@ class Service:
     async def sync_once(self, cause: str, triggers: tuple[str, ...] = ()) -> bool:
         reloaded = self.configs.pending
         if reloaded is not None:
+            before = self.config.isp.with_provisioned(None)
             problem = await asyncio.to_thread(self.configs.switch, reloaded)
             if problem is not None:
                 # Half removed is the worst state: put the old config's state back whole, then retry.
@@ -154,6 +155,8 @@ class Service:
                 return False
             self._set_period()
             self._serve_metrics()
+            if reloaded.isp.with_provisioned(None) != before:
+                self.provisioner.wake.set()  # [isp] changed (resolvers, provisioning): ask now
         self.syncs += 1
         result = await asyncio.to_thread(self.reconciler.sync)
         self.events.after_sync()

@@ -141,3 +141,17 @@ def test_a_cached_answer_maps_the_line_from_the_first_sync(line):
     again = Service(str(tmp_path / "mape.toml"), parse(CONFIG), RecordFile(tmp_path / "run2"), lambda cfg: k,
                     tmp_path / "run2", provisioner=Provisioner(tmp_path / "lib", FakeAccess()))  # fmt: skip
     assert asyncio.run(again.sync_once("start")) and again.last.params.rule.isp == "hb46pp"
+
+
+def test_a_reload_that_changes_isp_asks_at_once_and_one_that_does_not_waits(line):
+    svc, _, _, tmp_path = line
+    asyncio.run(svc.sync_once("start"))
+    svc.provisioner.wake.clear()
+    (tmp_path / "mape.toml").write_text(CONFIG + "# touched\n")
+    svc.reload()
+    asyncio.run(svc.sync_once("reload"))
+    assert not svc.provisioner.wake.is_set()
+    (tmp_path / "mape.toml").write_text(CONFIG.replace('["2001:db8::53"]', '["2001:db8::53", "2001:db8::54"]'))
+    svc.reload()
+    asyncio.run(svc.sync_once("reload"))
+    assert svc.provisioner.wake.is_set() and svc.config.isp.resolvers[-1] == "2001:db8::54"
