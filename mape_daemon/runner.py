@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 # Why a sync runs (journal field MAPE_CAUSE), in the order a line names them; events say which
 # source set them off (MAPE_TRIGGER): netlink (rtnetlink), nftables (an nf_tables commit by
 # someone else), firewalld (its reload or restart).
-CAUSES = ("start", "reload", "event", "hold-down", "retry", "periodic")
+CAUSES = ("start", "reload", "provisioning", "event", "hold-down", "retry", "periodic")
 EVENT_SOURCES = ("netlink", "nftables", "firewalld")
 
 

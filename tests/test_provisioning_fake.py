@@ -106,10 +106,12 @@ def test_a_provisioned_line_is_mapped_kept_across_a_reload_and_asked_again_when_
     svc, k, access, tmp_path = line
     assert not asyncio.run(svc.sync_once("start")) or svc.last.params is None
     assert "no HB46PP answer yet" in svc.last.selection.reason  # fail closed: nothing mapped yet
+    svc.runner.schedule.started(0)  # as the runner does for the start sync
     run_loop_once(svc)
     assert access.calls == [(("2001:db8::53",), ("map_e",), None)]
     assert svc.pending is not None and "provisioning" in svc.runner.schedule.causes  # a sync asked for
     assert svc.runner.schedule.urgent  # ... at once
+    assert svc.runner.schedule.cause(0) == "provisioning"  # the runner knows the cause (it crashed on it once)
     assert asyncio.run(svc.sync_once("provisioning"))
     p = svc.last.params
     assert p is not None and p.ipv4 == IPv4Address("203.0.113.52") and p.psid == 5 and p.rule.isp == "hb46pp"
