@@ -181,7 +181,11 @@ class Provisioner:
     def address_seen(self, addresses: frozenset[str]) -> None:
         """After a sync: a WAN address that changed since the last access asks again now (the
         server may answer differently for another prefix)."""
-        if self.asked_for is not None and addresses and addresses != self.asked_for:
+        if not addresses or self.asked_for is None:
+            return
+        if not self.asked_for:  # asked before the first sync knew the line: these are what it was for
+            self.asked_for = addresses
+        elif addresses != self.asked_for:
             self.wake.set()
 
     async def run(self, config: Callable[[], Config], addresses: Callable[[], frozenset[str]],

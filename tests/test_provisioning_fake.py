@@ -157,3 +157,13 @@ def test_a_reload_that_changes_isp_asks_at_once_and_one_that_does_not_waits(line
     svc.reload()
     asyncio.run(svc.sync_once("reload"))
     assert svc.provisioner.wake.is_set() and svc.config.isp.resolvers[-1] == "2001:db8::54"
+
+
+def test_an_access_made_before_the_first_sync_is_not_made_twice(line):
+    """At start the loop may ask before the first sync has read the WAN: that sync's prefixes
+    are what it asked for, not a change."""
+    svc, _, access, _ = line
+    run_loop_once(svc)
+    assert len(access.calls) == 1 and svc.provisioner.asked_for == frozenset()
+    asyncio.run(svc.sync_once("provisioning"))
+    assert not svc.provisioner.wake.is_set() and svc.provisioner.asked_for == {"2001:db8:1:2345::/64"}
