@@ -301,9 +301,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     config = load(args.config)
     host, _, port = args.target.rpartition(":")
-    if config.isp.provisions and config.isp.resolvers:
-        print("mape-daemon doctor: asking HB46PP (isp.resolvers, then the provisioning server)", file=sys.stderr,
-              flush=True)  # fmt: skip
+    if config.isp.provisions:
+        print("mape-daemon doctor: asking HB46PP (the line's resolvers, then the provisioning server)",
+              file=sys.stderr, flush=True)  # fmt: skip
     config, provisioning = doctor.provision(config)
     reconciler = make_reconciler(config, RecordFile(state_dir()))
     print(f"mape-daemon doctor: checking (a TCP connection to {args.target} through the tunnel, up to "

@@ -102,7 +102,7 @@ class IspConfig(Model):
         default="auto", description="HB46PP: auto = its rules if the line answers, else the bundled tables"
     )
     resolvers: tuple[Annotated[str, AfterValidator(check_resolver)], ...] = Field(
-        default=(), description="the line's own DNS servers, where the HB46PP record is (none: no provisioning)"
+        default=(), description="the line's own DNS servers, where the HB46PP record is (none: the RA's RDNSS)"
     )
     ca_file: Path | None = Field(default=None, description="a private CA for the provisioning server (t=b)")
     # The rules HB46PP provisioned: set by the daemon (with_provisioned), never by the file.

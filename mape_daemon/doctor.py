@@ -104,13 +104,14 @@ PROVISIONING_FIXES = {
     "(isp.ca_file for a private CA)",
     "bad reply": "the provisioning server's answer is not usable: ask the line's provider",
     "no record": 'this line does not provision: set isp.provisioning = "auto" (the bundled tables) or give the rule',
+    "no resolver": "set isp.resolvers to the line's own DNS servers",
 }
 
 
 def _provisioning(cfg: Config, outcome: str, detail: str) -> Check:
     """One HB46PP access. A line without the record is fine unless provisioning = "hb46pp"."""
-    ok = outcome == "ok" or (outcome == "no record" and cfg.isp.provisioning == "auto")
-    says = detail + ("; the bundled tables are used" if outcome == "no record" and ok else "")
+    ok = outcome == "ok" or (outcome in ("no record", "no resolver") and cfg.isp.provisioning == "auto")
+    says = detail + ("; the bundled tables are used" if outcome != "ok" and ok else "")
     return Check("HB46PP", ok, says, "" if ok else PROVISIONING_FIXES.get(outcome, ""))
 
 
@@ -118,12 +119,15 @@ def provision(config: Config) -> tuple[Config, tuple[str, str] | None]:
     """One HB46PP access, as the daemon would make it now: the config with the rules it gives (or
     the daemon's cached ones when it fails), and what happened. Unchanged when not provisioning."""
     from . import hb46pp
-    from .provisioning import CAPABILITY, Provisioner, access
+    from .provisioning import CAPABILITY, Provisioner, access, learn_resolvers
 
     isp = config.isp
-    if not isp.provisions or not isp.resolvers:
+    if not isp.provisions:
         return config, None
-    a = access(list(isp.resolvers), CAPABILITY, None, str(isp.ca_file) if isp.ca_file else None)
+    resolvers = list(isp.resolvers) or learn_resolvers(config.wan.interface)
+    if not resolvers:
+        return config, ("no resolver", "no isp.resolvers, and the WAN's router advertisements name no DNS server")
+    a = access(resolvers, CAPABILITY, None, str(isp.ca_file) if isp.ca_file else None)
     table = Provisioner().load_cache()
     if a.offer is not None and hb46pp.choose(a.offer, CAPABILITY) == "map_e":
         table = hb46pp.rule_table(a.offer)

@@ -98,11 +98,22 @@ def access(resolvers: list[str], capability: tuple[str, ...], token: str | None 
     return Access(Outcome.BAD_REPLY, detail=f"more than {MAX_REDIRECTS} redirects from {shown}", pointer=pointer)
 
 
+def learn_resolvers(wan: str) -> list[str]:
+    """The WAN's RDNSS servers (a Router Solicitation, and the RAs that answer), or none."""
+    from .kernel import provision
+
+    try:
+        return provision.rdnss(wan)
+    except OSError as e:
+        log.warning("HB46PP: cannot ask %s's router for its DNS servers: %s", wan, e.strerror or e, extra=EVENT)
+        return []
+
+
 class Provisioner:
     def __init__(self, lib_dir: Path | None = None, ask: Callable[..., Access] = access,
-                 clock: Callable[[], float] = time.time):  # fmt: skip
+                 learn: Callable[[str], list[str]] | None = None, clock: Callable[[], float] = time.time):  # fmt: skip
         self.cache = (lib_dir or LIB_DIR) / CACHE
-        self.ask = ask
+        self.ask, self.learn = ask, learn or learn_resolvers
         self.clock = clock
         self.table: RuleTable | None = None
         self.token: str | None = None
@@ -198,13 +209,15 @@ class Provisioner:
             if not isp.provisions:
                 self.report = Report("off", f'isp.name = "{isp.name}"' if isp.name != "auto" else "")
                 self._drop(apply)
-            elif not isp.resolvers:
-                self.report = Report("off", "no isp.resolvers: the line's own DNS servers are needed")
-                self._drop(apply)
+            elif not (resolvers := list(isp.resolvers) or await asyncio.to_thread(self.learn, config().wan.interface)):
+                wait = hb46pp.next_wait(Outcome.NO_RECORD)  # as a line without the record: hours
+                self.report = Report("no resolver", "no isp.resolvers, and the WAN's router advertisements name no "
+                                     "DNS server (RDNSS)", self.report.source, self.report.fetched_at,
+                                     self.clock() + wait)  # fmt: skip
             else:
                 self.asked_for = addresses()
                 ca = str(isp.ca_file) if isp.ca_file else None
-                a = await asyncio.to_thread(self.ask, list(isp.resolvers), CAPABILITY, self.token, ca)
+                a = await asyncio.to_thread(self.ask, resolvers, CAPABILITY, self.token, ca)
                 before = self.table
                 table, wait = self.judge(a)
                 if table != before or table != isp.provisioned:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import uuid
 from ipaddress import IPv6Network
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 
 from mape_daemon import provisioning
 from mape_daemon.hb46pp import Outcome
+from mape_daemon.kernel import provision
 from tests.hostns import inside
 from tests.lab import hb46pp_server, pki
 from tests.lab.netns import popen, sh, spawn
@@ -175,3 +177,35 @@ def test_doctor_asks_as_the_daemon_would_and_maps_with_the_answer(line, tmp_path
         assert cfg.isp.match(IPv6Network("2001:db8:1:2345::/64")).isp == "hb46pp"
         cfg, said = doctor.provision(parse(base + f'["{NXDOMAIN}"]\n'))
         assert said is not None and said[0] == "no record" and cfg.isp.provisioned is None
+
+
+@pytest.mark.parametrize("announced", [[OK], []])
+def test_the_routers_rdnss_is_learned_by_a_solicitation(tmp_path, announced):
+    """A Router Solicitation on the WAN, answered by a real radvd whose RAs (otherwise a minute
+    apart) carry RDNSS, or none: the first RA decides at once."""
+    tag = uuid.uuid4().hex[:6]
+    router, isp = f"rr{tag}", f"ri{tag}"
+    radvd = None
+    try:
+        for ns in (router, isp):
+            sh(None, "ip", "netns", "add", ns)
+            sh(ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.forwarding=1")
+        sh(None, "ip", "link", "add", "wan0", "netns", router, "type", "veth", "peer", "i0", "netns", isp)
+        for ns, dev in ((router, "wan0"), (isp, "i0")):
+            sh(ns, "ip", "link", "set", dev, "up")
+        rdnss = "".join(f"  RDNSS {a} {{ }};\n" for a in announced)
+        conf = tmp_path / "radvd.conf"
+        conf.write_text(f"interface i0 {{\n  AdvSendAdvert on;\n  MinRtrAdvInterval 60;\n  MaxRtrAdvInterval 90;\n"
+                        f"  prefix 2001:db8:1::/64 {{ }};\n{rdnss}}};\n")  # fmt: skip
+        radvd = popen(isp, "radvd", "-n", "-C", str(conf), "-p", str(tmp_path / "radvd.pid"), "-m", "stderr")
+        sh(isp, "sh", "-c", "for i in $(seq 100); do ss -Hlwp | grep -q radvd && exit; sleep 0.05; done")
+        with inside(router):
+            started = time.monotonic()
+            assert provision.rdnss("wan0", timeout=10) == announced
+            assert time.monotonic() - started < 5  # answered, not timed out
+    finally:
+        if radvd is not None:
+            radvd.kill()
+            radvd.wait()
+        for ns in (router, isp):
+            sh(None, "ip", "netns", "del", ns, check=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from ipaddress import IPv4Address
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from mape_daemon import hb46pp
 from mape_daemon.config import ConfigError, parse
 from mape_daemon.hb46pp import Outcome
-from mape_daemon.provisioning import Access, Provisioner
+from mape_daemon.provisioning import Access, Provisioner, Report
 from mape_daemon.record import RecordFile
 from mape_daemon.service import Service
 from tests.fake_kernel import FakeKernel
@@ -167,3 +168,24 @@ def test_an_access_made_before_the_first_sync_is_not_made_twice(line):
     assert len(access.calls) == 1 and svc.provisioner.asked_for == frozenset()
     asyncio.run(svc.sync_once("provisioning"))
     assert not svc.provisioner.wake.is_set() and svc.provisioner.asked_for == {"2001:db8:1:2345::/64"}
+
+
+def test_without_isp_resolvers_the_ras_rdnss_are_asked_and_none_waits_hours(tmp_path):
+    cfg = parse('[wan]\ninterface = "wan0"\n')  # provisioning "auto", no resolvers
+    learned: list[str] = []
+    access = FakeAccess(ok())
+    p = Provisioner(tmp_path, access, learn=lambda wan: learned)
+    applied = []
+
+    async def once():
+        task = asyncio.create_task(p.run(lambda: cfg, frozenset, applied.append))
+        while p.report.state == "off" and not task.done():
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(once())
+    assert access.calls == [] and p.report.state == "no resolver" and p.report.next_at - time.time() >= 3600
+    learned.append("fe80::1%wan0")
+    p.report = Report()
+    asyncio.run(once())
+    assert access.calls == [(("fe80::1%wan0",), ("map_e",), None)] and applied and applied[-1] is not None

@@ -13,6 +13,7 @@ import secrets
 import socket
 import ssl
 import struct
+import time
 from ipaddress import IPv6Address
 from urllib.parse import urlsplit
 
@@ -167,3 +168,54 @@ def get(url: str, verify: bool, resolvers: list[str], cafile: str | None = None,
         raise FetchFailed(getattr(e, "reason", None) or getattr(e, "strerror", None) or e or type(e).__name__) from None
     finally:
         conn.close()
+
+
+ND_ROUTER_SOLICIT, ND_ROUTER_ADVERT, ND_OPT_RDNSS = 133, 134, 25
+ICMP6_FILTER = 1  # the ICMPv6 socket option (netinet/icmp6.h)
+
+
+def rdnss(interface: str, timeout: float = 5.0) -> list[str]:
+    """The recursive DNS servers the line's router announces (RFC 8106 RDNSS in a router
+    advertisement): a Router Solicitation on `interface`, then the first RA that comes within
+    `timeout`. Only an RA with hop limit 255 counts (sent on the link, not routed in from afar).
+    Link-local servers come with their zone (fe80::1%wan0). Raises OSError (no such interface,
+    no CAP_NET_RAW)."""
+    index = socket.if_nametoindex(interface)
+    found: dict[str, None] = {}
+    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+        blocked = [0xFFFFFFFF] * 8
+        blocked[ND_ROUTER_ADVERT >> 5] &= ~(1 << (ND_ROUTER_ADVERT & 31))  # let only RAs through
+        s.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, struct.pack("=8I", *blocked))
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+        s.sendto(struct.pack("!BBHI", ND_ROUTER_SOLICIT, 0, 0, 0), ("ff02::2", 0, 0, index))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            s.settimeout(left)
+            try:
+                data, anc, _, _ = s.recvmsg(4096, socket.CMSG_SPACE(4))
+            except TimeoutError:
+                break
+            hops = next((int.from_bytes(d[:4], "little") for lvl, kind, d in anc
+                         if lvl == socket.IPPROTO_IPV6 and kind == socket.IPV6_HOPLIMIT), None)  # fmt: skip
+            if hops == 255 and data[:1] == bytes([ND_ROUTER_ADVERT]):
+                found.update(dict.fromkeys(_rdnss_options(data, interface)))
+                break  # the line's router has answered (a second router on a WAN is not waited for)
+    return list(found)
+
+
+def _rdnss_options(ra: bytes, interface: str) -> list[str]:
+    """The live RDNSS addresses of one RA (options from byte 16; lifetime 0 withdraws)."""
+    out, at = [], 16
+    while at + 8 <= len(ra):
+        kind, units = ra[at], ra[at + 1]
+        if units == 0:
+            break
+        if kind == ND_OPT_RDNSS and struct.unpack_from("!I", ra, at + 4)[0] > 0:
+            for a in range(at + 8, at + units * 8, 16):
+                ip = IPv6Address(ra[a : a + 16])
+                out.append(f"{ip}%{interface}" if ip.is_link_local else str(ip))
+        at += units * 8
+    return out

@@ -1,7 +1,8 @@
 """HB46PP on the lab line (issue 23): a line whose prefix is in no bundled table, whose MAP-E rule
 only the provisioning server gives (dnsmasq with the 4over6.info record on the line's resolver, an
-HTTPS server with a lab CA in the ISP). The daemon maps by that rule, traffic crosses the strict
-BR in the set, and after a restart with the server failing, the cached answer maps the line."""
+HTTPS server with a lab CA in the ISP; the resolver announced in the RAs, as RDNSS). The daemon
+learns the resolver, maps by that rule, traffic crosses the strict BR in the set, and after a
+restart with the server failing, the cached answer maps the line."""
 
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ ANSWER = {
 
 def test_a_line_provisioned_by_hb46pp_is_mapped_by_its_rule_and_by_the_cache_when_the_server_fails(tmp_path, request):
     with running_lab(tmp_path, request, rule=RULE, wan_prefix="2001:db8:4012:3400::/64") as lab:
-        resolver, ca = lab.start_hb46pp(ANSWER)
+        _, ca = lab.start_hb46pp(ANSWER)
         ce = lab.ce_params()
         assert (ce.ipv4, ce.psid) == ("192.0.2.18", 0x34)
         chain = lab.br_add_ce(ce)
+        # No isp.resolvers: the line's resolver is learned from the RAs' RDNSS.
         config = (f'[wan]\ninterface = "wan0"\n[lan]\ninterfaces = ["lan0"]\n[isp]\nprovisioning = "hb46pp"\n'
-                  f'resolvers = ["{resolver}"]\nca_file = "{ca}"\n')  # fmt: skip
+                  f'ca_file = "{ca}"\n')  # fmt: skip
         d = Daemon(lab, tmp_path, config).start()
         try:
             wait_for(lambda: d.synced_by_me() and d.state().get("ipv4") == ce.ipv4, 120, "the provisioned mapping")

@@ -85,6 +85,7 @@ class Lab:
         if root:  # the router is this system itself (NetworkManager and networkd manage only it)
             self.ce = None  # type: ignore[assignment]
         self.prefixes = [wan_prefix]
+        self.rdnss: list[str] = []  # DNS servers the RAs announce
         self.lifetimes: dict[str, int] = {}  # prefix -> preferred lifetime, where not the default
         self.procs: dict[str, subprocess.Popen] = {}
         self.pids: list[int] = []
@@ -178,6 +179,7 @@ class Lab:
                 life = ""
             autonomous = "on" if self.slaac else "off"
             blocks.append(f"  prefix {p} {{ AdvOnLink on; AdvAutonomous {autonomous}; {life} }};")
+        blocks += [f"  RDNSS {a} {{ }};" for a in self.rdnss]
         body = "\n".join(blocks)
         # RAs every 3-4 s (renumberings are seen at once), a router lifetime of a real line's
         # 1800 s: radvd's default (3 x the interval, 12 s) let the WAN's default route expire when
@@ -211,9 +213,9 @@ class Lab:
     # --- HB46PP: the line's resolver with the record, and the provisioning server ------------
     def start_hb46pp(self, answer: dict) -> tuple[str, Path]:
         """dnsmasq answering 4over6.info (TXT) and the server's name on the ISP's access-link
-        address, and the provisioning server there over HTTPS with a lab CA, answering `answer`
-        at /config (rewrite `self.dir / "hb46pp-answers.json"` to change it). Returns the
-        resolver's address and the CA file."""
+        address, announced in the RAs (RDNSS), and the provisioning server there over HTTPS with
+        a lab CA, answering `answer` at /config (rewrite `self.dir / "hb46pp-answers.json"` to
+        change it). Returns the resolver's address and the CA file."""
         addr = self._isp_addr(self.prefixes[0])
         ca = pki.ca(self.dir)
         cert, key = pki.server_cert(ca, HB46PP_HOST)
@@ -230,6 +232,9 @@ class Lab:
                                      str(self.dir / "hb46pp-requests.jsonl"), str(cert), str(key)))  # fmt: skip
         wait_for(lambda: f"[{addr}]:443" in netns.sh(self.isp, "ss", "-Htln"), 30, "the provisioning server")
         wait_for(lambda: f"[{addr}]:53" in netns.sh(self.isp, "ss", "-Huln"), 30, "dnsmasq")
+        self.rdnss = [addr]  # the line's resolver, announced in the RAs (RDNSS)
+        (self.dir / "radvd.conf").write_text(self._radvd_conf())
+        self.procs["radvd"].send_signal(signal.SIGHUP)
         return addr, ca
 
     # --- DHCPv6-PD: Kea delegating to the router ---------------------------------------------
