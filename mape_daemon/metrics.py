@@ -10,7 +10,7 @@ small fixed sets of values. Nothing node_exporter already has (conntrack totals,
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from .kernel.httpd import Listener
 from .portuse import Usage
 from .result import SyncResult
 
+PROVISIONING_STATES = ("ok", "failed", "no_record", "no_resolver", "waiting")
 SYNC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -55,6 +56,7 @@ class Metrics(Collector):
                                   "applying)", buckets=SYNC_BUCKETS, registry=self.registry)  # fmt: skip
         self.registry.register(self)
         self.listener: Listener | None = None
+        self.provisioning: Callable[[], dict[str, Any] | None] = lambda: None  # HB46PP's report, read live
 
     # --- what the loop tells it -------------------------------------------------------------
     def synced(self, result: SyncResult, cause: str, repaired: list[tuple[str, str]], moved: bool) -> None:
@@ -101,6 +103,17 @@ class Metrics(Collector):
         for state, n in sorted(s.forwards.items()):
             family.add_metric([state], n)
         yield family
+        if (prov := self.provisioning()) is not None:
+            family = GaugeMetricFamily("mape_provisioning_state", "HB46PP: how the last access ended "
+                                       "(waiting: none yet)", labels=["state"])  # fmt: skip
+            for state in PROVISIONING_STATES:
+                family.add_metric([state], int(prov["state"].replace(" ", "_") == state))
+            yield family
+            fetched = GaugeMetricFamily("mape_provisioning_answer_timestamp_seconds",
+                                        "When the HB46PP answer whose rules are in force was fetched")  # fmt: skip
+            if prov["fetched_at"] is not None:
+                fetched.add_metric([], prov["fetched_at"])
+            yield fetched
         if s.upnp is not None:
             family = GaugeMetricFamily("mape_miniupnpd", "miniupnpd's state as we keep it: offering the set, "
                                        "refusing (no mapping), failing", labels=["state"])  # fmt: skip

@@ -40,7 +40,7 @@ EVENT = {"MAPE_EVENT": "provisioning", "MAPE_CAUSE": "provisioning"}
 class Report:
     """What `status` shows: the last access and the rules in force."""
 
-    state: str = "off"  # off | waiting | ok | failed | no record
+    state: str = "waiting"  # waiting (no access yet) | ok | failed | no record | no resolver | off
     detail: str = ""
     source: str | None = None  # whose rules are in force ("A VNE Highspeed 4over6"), if HB46PP's
     fetched_at: float | None = None  # when the answer in force was fetched

@@ -80,6 +80,7 @@ class Service:
         self.status_problem: str | None = None  # why the state file could not be written, as said once
         self.syncs = 0
         self.metrics = Metrics()
+        self.metrics.provisioning = lambda: self.provisioner.report.as_dict() if self.config.isp.provisions else None
         self.metrics_problem: str | None = None  # why /metrics is not served, as said once
         self.exhaustion = Exhaustion()
         stop_at = os.environ.get("MAPE_DEBUG_STOP_BEFORE")  # test knob: freeze before an action kind

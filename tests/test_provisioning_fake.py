@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
 import time
 from ipaddress import IPv4Address
 
@@ -15,7 +16,7 @@ import pytest
 from mape_daemon import hb46pp
 from mape_daemon.config import ConfigError, parse
 from mape_daemon.hb46pp import Outcome
-from mape_daemon.provisioning import Access, Provisioner, Report
+from mape_daemon.provisioning import Access, Provisioner
 from mape_daemon.record import RecordFile
 from mape_daemon.service import Service
 from tests.fake_kernel import FakeKernel
@@ -178,14 +179,45 @@ def test_without_isp_resolvers_the_ras_rdnss_are_asked_and_none_waits_hours(tmp_
     applied = []
 
     async def once():
+        before = p.report
         task = asyncio.create_task(p.run(lambda: cfg, frozenset, applied.append))
-        while p.report.state == "off" and not task.done():
+        while p.report is before and not task.done():
             await asyncio.sleep(0.01)
         task.cancel()
 
     asyncio.run(once())
     assert access.calls == [] and p.report.state == "no resolver" and p.report.next_at - time.time() >= 3600
     learned.append("fe80::1%wan0")
-    p.report = Report()
     asyncio.run(once())
     assert access.calls == [(("fe80::1%wan0",), ("map_e",), None)] and applied and applied[-1] is not None
+
+
+def test_metrics_say_how_the_last_access_ended_and_when_the_rules_were_fetched(line):
+    """Read live from the provisioner: a failed access shows at the next scrape, sync or not."""
+    from tests.test_metrics import free_port, scrape
+
+    svc, _, _, tmp_path = line
+    text = CONFIG + f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n'
+    (tmp_path / "mape.toml").write_text(text)
+    svc.reload()
+    asyncio.run(svc.sync_once("reload"))
+    svc._serve_metrics()
+    try:
+        _, m = scrape(svc)
+        assert m[("mape_provisioning_state", (("state", "waiting"),))] == 1
+        assert ("mape_provisioning_answer_timestamp_seconds", ()) not in m
+        run_loop_once(svc)
+        text, m = scrape(svc)
+        r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert m[("mape_provisioning_state", (("state", "ok"),))] == 1
+        assert abs(m[("mape_provisioning_answer_timestamp_seconds", ())] - time.time()) < 60
+        svc.provisioner.judge(Access(Outcome.NO_REPLY, detail="no answer"))
+        _, m = scrape(svc)
+        assert m[("mape_provisioning_state", (("state", "failed"),))] == 1
+        assert m[("mape_provisioning_state", (("state", "ok"),))] == 0
+        svc.provisioner.judge(Access(Outcome.NO_RECORD, detail="NXDOMAIN"))
+        _, m = scrape(svc)
+        assert m[("mape_provisioning_state", (("state", "no_record"),))] == 1
+    finally:
+        svc.metrics.stop()
