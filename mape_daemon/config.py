@@ -105,6 +105,9 @@ class IspConfig(Model):
         default=(), description="the line's own DNS servers, where the HB46PP record is (none: the RA's RDNSS)"
     )
     ca_file: Path | None = Field(default=None, description="a private CA for the provisioning server (t=b)")
+    provisioning_user: str | None = Field(default=None, pattern=r"^[0-9A-Za-z_-]{1,32}$")
+    provisioning_password: str | None = Field(default=None, pattern=r"^[0-9A-Za-z_-]{1,32}$", repr=False)
+    provisioning_server: str | None = Field(default=None, description="the host the credentials are for (https only)")
     # The rules HB46PP provisioned: set by the daemon (with_provisioned), never by the file.
     provisioned: maprules.RuleTable | None = Field(default=None, exclude=True, repr=False)
 
@@ -126,6 +129,14 @@ class IspConfig(Model):
                 self.rule.to_rule()
             except MappingError as e:
                 raise key_error("rule", str(e)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _user_with_password(self) -> IspConfig:
+        if (self.provisioning_user is None) != (self.provisioning_password is None):
+            raise key_error("provisioning_password", "and provisioning_user go together (HB46PP sends both or neither)")
+        if self.provisioning_server is not None and self.provisioning_user is None:
+            raise key_error("provisioning_server", "names where provisioning_user may be sent: set that too")
         return self
 
     @property

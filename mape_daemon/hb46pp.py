@@ -66,12 +66,34 @@ def _version() -> str:
         return "0"
 
 
-def query_url(pointer: Pointer, capability: tuple[str, ...], token: str | None = None) -> str:
-    """The GET URL: the required parameters (section 3.3), and the token of the last answer."""
+@dataclass(frozen=True)
+class Credentials:
+    """user/pass a provider handed out (section 3.3), and the server they are for, if named."""
+
+    user: str
+    password: str = field(repr=False)
+    server: str | None = None
+
+
+def may_send(credentials: Credentials, pointer: Pointer) -> bool:
+    """Section 3.3: with a server named, only over https, verified (t=b), to that host; with none
+    named, on any request."""
+    if credentials.server is None:
+        return True
+    parts = urlsplit(pointer.url)
+    return parts.scheme == "https" and pointer.verify and parts.hostname == credentials.server.lower()
+
+
+def query_url(pointer: Pointer, capability: tuple[str, ...], token: str | None = None,
+              credentials: Credentials | None = None) -> str:  # fmt: skip
+    """The GET URL: the required parameters (section 3.3), the token of the last answer, and
+    user/pass where they may go. Never logged whole: it may carry the password."""
     params = {"vendorid": VENDOR_ID, "product": PRODUCT, "version": re.sub(r"[^0-9]", "_", _version())[:32],
               "capability": ",".join(capability)}  # fmt: skip
     if token:
         params["token"] = token
+    if credentials is not None and may_send(credentials, pointer):
+        params["user"], params["pass"] = credentials.user, credentials.password
     sep = "&" if urlsplit(pointer.url).query else "?"
     return f"{pointer.url}{sep}{urlencode(params)}"
 

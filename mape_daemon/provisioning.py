@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 from . import hb46pp
-from .config import Config
+from .config import Config, IspConfig
 from .files import write_atomic
 from .hb46pp import Offer, Outcome, Pointer, ProvisioningError
 from .maprules import RuleTable
@@ -62,7 +62,7 @@ class Access:
 
 
 def access(resolvers: list[str], capability: tuple[str, ...], token: str | None = None,
-           cafile: str | None = None) -> Access:  # fmt: skip
+           cafile: str | None = None, credentials: hb46pp.Credentials | None = None) -> Access:  # fmt: skip
     """Steps b to i of section 3.6, once: the record, the GET (307s followed, never from https
     down to http when the record asked for verification), the answer checked."""
     from .kernel import provision as wire  # the wire, only where it is used
@@ -75,18 +75,20 @@ def access(resolvers: list[str], capability: tuple[str, ...], token: str | None 
         return Access(Outcome.DNS_FAILED, detail=f"the {hb46pp.TXT_NAME} TXT lookup failed: {e}")
     except ProvisioningError as e:
         return Access(Outcome.NO_RECORD, detail=str(e))  # c.2 covers a record not of the spec's form
-    url = hb46pp.query_url(pointer, capability, token)
-    shown = url.split("?")[0]
+    base = pointer.url
     for _ in range(MAX_REDIRECTS + 1):
+        # Our parameters go to each server, credentials only where section 3.3 lets them.
+        url = hb46pp.query_url(Pointer(base, pointer.verify), capability, token, credentials)
+        shown = base.split("?")[0]
         try:
             status, location, body = wire.get(url, pointer.verify, resolvers, cafile)
         except (wire.FetchFailed, wire.DnsFailed, wire.NoRecord) as e:
             return Access(Outcome.NO_REPLY, detail=f"no answer from {shown}: {e}", pointer=pointer)
         if status == 307 and location:
-            nxt = urljoin(url, location)
+            nxt = urljoin(base, location)
             if pointer.verify and urlsplit(nxt).scheme != "https":
                 return Access(Outcome.BAD_REPLY, detail=f"{shown} redirected to plain http", pointer=pointer)
-            url, shown = nxt, nxt.split("?")[0]
+            base = nxt
             continue
         if status != 200:
             return Access(Outcome.BAD_REPLY, detail=f"{shown} answered HTTP {status}", pointer=pointer)
@@ -96,6 +98,13 @@ def access(resolvers: list[str], capability: tuple[str, ...], token: str | None 
             return Access(Outcome.BAD_REPLY, detail=f"{shown}: {e}", pointer=pointer)
         return Access(Outcome.OK, offer, f"{shown} offers {', '.join(offer.order) or 'nothing'}", pointer)
     return Access(Outcome.BAD_REPLY, detail=f"more than {MAX_REDIRECTS} redirects from {shown}", pointer=pointer)
+
+
+def credentials(isp: IspConfig) -> hb46pp.Credentials | None:
+    """The user/pass of [isp], for the requests that may carry them."""
+    if isp.provisioning_user is None or isp.provisioning_password is None:
+        return None
+    return hb46pp.Credentials(isp.provisioning_user, isp.provisioning_password, isp.provisioning_server)
 
 
 def learn_resolvers(wan: str) -> list[str]:
@@ -217,7 +226,7 @@ class Provisioner:
             else:
                 self.asked_for = addresses()
                 ca = str(isp.ca_file) if isp.ca_file else None
-                a = await asyncio.to_thread(self.ask, resolvers, CAPABILITY, self.token, ca)
+                a = await asyncio.to_thread(self.ask, resolvers, CAPABILITY, self.token, ca, credentials(isp))
                 before = self.table
                 table, wait = self.judge(a)
                 if table != before or table != isp.provisioned:

@@ -149,3 +149,20 @@ def test_the_waits_are_the_spec_windows_drawn_at_random():
     assert min(ttl) >= 0.9 * 86400 and max(ttl) <= 86400 and len(set(ttl)) == 200  # never past the ttl
     no_ttl = [hb46pp.next_wait(Outcome.OK, None, rng) for _ in range(200)]
     assert min(no_ttl) >= 72000 and max(no_ttl) <= 86400
+
+
+def test_credentials_go_only_where_section_3_3_lets_them():
+    creds = hb46pp.Credentials("me", "s3cret")
+    named = hb46pp.Credentials("me", "s3cret", "vne.example.jp")
+    verified, unverified = Pointer("https://vne.example.jp/x", True), Pointer("https://vne.example.jp/x", False)
+
+    def sent(pointer, c):
+        q = parse_qs(urlsplit(hb46pp.query_url(pointer, ("map_e",), None, c)).query)
+        return (q.get("user"), q.get("pass"))
+
+    assert sent(verified, creds) == (["me"], ["s3cret"]) and sent(Pointer("http://h/x", False), creds)[0] == ["me"]
+    assert sent(verified, named) == (["me"], ["s3cret"])
+    assert sent(unverified, named) == (None, None)  # not verified (t=a)
+    assert sent(Pointer("https://other.example.jp/x", True), named) == (None, None)  # another host (a redirect)
+    assert sent(Pointer("http://vne.example.jp/x", False), named) == (None, None)  # not https
+    assert "s3cret" not in repr(named)

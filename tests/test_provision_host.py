@@ -209,3 +209,20 @@ def test_the_routers_rdnss_is_learned_by_a_solicitation(tmp_path, announced):
             radvd.wait()
         for ns in (router, isp):
             sh(None, "ip", "netns", "del", ns, check=False)
+
+
+def test_credentials_reach_the_named_server_and_are_never_in_what_is_said(line):
+    from mape_daemon.hb46pp import Credentials
+
+    router, answers, log, ca, _ = line
+    serve(
+        answers,
+        {"/config": {"status": 307, "location": "/v2/config"}, "/v2/config": {"body": json.dumps(SPEC_EXAMPLE)}},
+    )
+    for server, sent in ((None, True), (HOST, True), ("elsewhere.example", False)):
+        before = len(requests(log))
+        with inside(router):
+            a = provisioning.access([OK], ("map_e",), None, str(ca), Credentials("me", "s3cret", server))
+        assert a.outcome is Outcome.OK and "s3cret" not in repr(a), a
+        hops = requests(log)[before:]
+        assert len(hops) == 2 and all(("pass=s3cret" in h["path"]) == sent for h in hops), (server, hops)

@@ -72,8 +72,9 @@ class FakeAccess:
     def __init__(self, *answers: Access):
         self.answers, self.calls = list(answers), []
 
-    def __call__(self, resolvers, capability, token, cafile):
+    def __call__(self, resolvers, capability, token, cafile, credentials=None):
         self.calls.append((tuple(resolvers), capability, token))
+        self.credentials = credentials
         return self.answers.pop(0)
 
 
