@@ -55,7 +55,9 @@ def host_kernel_lacks() -> str | None:
 
 
 # Files of plain kernel tests that boot their own (second) VM: about half the plain tests' time.
-PLAIN_SPLIT = frozenset({"test_daemon.py", "test_daemon_supervision.py", "test_nat_behaviour.py"})
+PLAIN_SPLIT = frozenset(
+    {"test_daemon.py", "test_daemon_supervision.py", "test_nat_behaviour.py", "test_metrics_lab.py"}
+)
 
 
 def needs_systemd(item) -> bool:
