@@ -13,11 +13,15 @@ from tests.lab.topo import Lab
 @contextmanager
 def running_lab(tmp_path, request, **kw) -> Iterator[Lab]:
     lab = Lab(tmp_path, **kw)
+    failed = False
     try:
         lab.up()
         yield lab
+    except BaseException:
+        failed = True  # inside a test's `with`: pytest has not reported the failure yet
+        raise
     finally:
-        if getattr(request.node, "rep_call_failed", False):
+        if failed or getattr(request.node, "rep_call_failed", False):
             for log in sorted(tmp_path.glob("*.log")):
                 print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
         lab.down()

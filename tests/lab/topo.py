@@ -241,7 +241,10 @@ class Lab:
     def _kea_conf(self) -> str:
         net = IPv6Network(self.delegation)
         return json.dumps({"Dhcp6": {
-            "interfaces-config": {"interfaces": [self.isp_if]},
+            # Kea opens its sockets once at start and, by default, never again when that fails
+            # (DHCPSRV_OPEN_SOCKET_FAIL, no retry): CI saw it never listen. Retry each second.
+            "interfaces-config": {"interfaces": [self.isp_if], "service-sockets-max-retries": 60,
+                                  "service-sockets-retry-wait-time": 1000},
             "lease-database": {"type": "memfile", "persist": False},
             "data-directory": str(self.dir),  # its server DUID file
             "preferred-lifetime": 60, "valid-lifetime": 120, "renew-timer": 5, "rebind-timer": 10,
@@ -264,7 +267,15 @@ class Lab:
         netns.sh(self.isp, "ip", "-6", "route", "replace", self.delegation, "dev", self.isp_if)
         # Listening before a client asks: a Solicit lost to a server still starting is retried
         # only after 1+2+4+...+32 s (RFC 8415 backoff), past what a test waits.
-        wait_for(lambda: ":547 " in netns.sh(self.isp, "ss", "-Huln"), 60, "Kea listening")
+        kea = self.procs["kea"]
+
+        def listening() -> bool:
+            if kea.poll() is not None:
+                log = (self.dir / "kea.out.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"kea-dhcp6 exited with {kea.returncode}: {log}")
+            return ":547 " in netns.sh(self.isp, "ss", "-Huln")
+
+        wait_for(listening, 60, "Kea listening")
 
     def redelegate(self, prefix: str) -> None:
         """The ISP moves the line to another prefix: Kea restarted with only that one in its pool
