@@ -28,7 +28,7 @@ from typing import Any
 
 from . import upnp
 from .config import Config, load
-from .errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, CannotRunHere, MapeError
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, CannotRunHere, MapeError, RetryableError
 from .events import IPTABLES_NFT_TABLES, OUR_TABLES, Events
 from .journal import SyncJournal, fields, notify, setup_logging, status_line
 from .maprules import RuleTable
@@ -46,6 +46,7 @@ from .statefile import STATE_DIR, DaemonState
 log = logging.getLogger("mape-daemon")
 UPNP_RETRY = 60.0  # seconds before a failed miniupnpd update is tried again
 STATUS_RETRY = 60.0  # ... and a failed write of the state file
+STOP_READ_TRIES = 3  # a stop's teardown read that raced a change is read again, not given up
 
 
 class Service:
@@ -366,7 +367,11 @@ class Service:
         if self.config.daemon.on_stop != "remove" and self.exit_code == EXIT_OK:
             log.info("stopped: our state stays (daemon.on_stop = keep)", extra={"MAPE_EVENT": "stop"})
             return EXIT_OK
-        result = await asyncio.to_thread(self.reconciler.sync, True)
+        for _ in range(STOP_READ_TRIES):
+            result = await asyncio.to_thread(self.reconciler.sync, True)
+            if not (isinstance(result.error, RetryableError) and not result.plan):
+                break
+            await asyncio.sleep(0.2)  # the kernel changed while we read it (a busy router): read again
         if isinstance(result.error, CannotRunHere) and not result.plan:
             return EXIT_UNAVAILABLE  # it could not even read the kernel: nothing of ours was made
         if result.error is not None:

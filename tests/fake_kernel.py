@@ -57,6 +57,7 @@ class FakeKernel:
         self.writes = 0
         self.fail_on: type | None = None  # make the next action of this class fail (once)
         self.fail_kind: str | None = None  # ... or of this kind ("tunnel", "route", ...), once
+        self.read_races = 0  # reads that fail as a dump interrupted by a change would
         self.flows: list[Flow] = []  # conntrack's NATed connections (ports in use)
 
     def nat_flows(self, ipv4: str) -> list[Flow]:
@@ -124,6 +125,9 @@ class FakeKernel:
         return script == listed
 
     def observe(self, q: Query, backend: str | None = None) -> Observed:
+        if self.read_races:  # the kernel changing during a dump (NLM_F_DUMP_INTR)
+            self.read_races -= 1
+            raise RetryableError("reading the kernel: it changed during the read")
         wan = list(self.wan_addrs)
         wan += [WanAddress(a, 128, False, False, True) for i, a in sorted(self.ce_addrs) if i == q.wan]
         addrs = {Address(i, a, 128) for i, a in self.ce_addrs if (i, a) in q.addresses}
