@@ -19,6 +19,7 @@ from mape_daemon.config import parse
 from mape_daemon.kernel import conntrack, ctnetlink
 from mape_daemon.kernel.netlink import Netlink
 from mape_daemon.kernel.nftables import NftTable
+from mape_daemon.kernel.rtnl import Reader
 from mape_daemon.mapcalc import compute
 from tests.hostns import inside
 from tests.lab import traffic
@@ -282,20 +283,11 @@ def insert(router: str, proto: str, src: str, sport: int, reply_dst: str, reply_
 
 def raw_dump_count(filtered: bool) -> int:
     """Entries the kernel sent for our request: the filter works in the kernel, not only here."""
-    import socket
-
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, ctnetlink.NETLINK_NETFILTER) as s:
-        s.bind((0, 0))
-        s.send(ctnetlink.request(str(P.ipv4), 7, filtered))
-        n = 0
-        while True:
-            buf, at = s.recv(1 << 16), 0
-            while at < len(buf):
-                length, kind, *_ = ctnetlink.HEADER.unpack_from(buf, at)
-                if kind == ctnetlink.NLMSG_DONE:
-                    return n
-                n += 1
-                at += (length + 3) & ~3
+    reader = Reader(ctnetlink.NETLINK_NETFILTER)
+    try:
+        return len(list(reader.dump(ctnetlink.CT_GET, ctnetlink.request(str(P.ipv4), filtered))))
+    finally:
+        reader.close()
 
 
 def test_the_lean_conntrack_reading_equals_pyroute2s_and_is_filtered_by_the_kernel(topo):
@@ -318,7 +310,7 @@ def test_the_lean_conntrack_reading_equals_pyroute2s_and_is_filtered_by_the_kern
         flows = {(f.protocol, f.port, f.host) for f in conntrack.nat_flows(str(P.ipv4))}
         icmp = {f for f in flows if f[0] == "icmp"}
         assert flows - icmp == ours and len(icmp) == 1 and next(iter(icmp))[2] == "10.77.0.2", flows - ours
-        assert sorted(ctnetlink._dump(str(P.ipv4), filtered=False)) == sorted(ctnetlink.dump(str(P.ipv4)))
+        assert sorted(ctnetlink.dump(str(P.ipv4), filtered=False)) == sorted(ctnetlink.dump(str(P.ipv4)))
         with Conntrack() as ct:
             oracle = {(conntrack.PROTO_NAMES[e.tuple_orig.proto], conntrack._reply_port(e), e.tuple_orig.saddr)
                       for e in ct.dump_entries() if e.tuple_reply.daddr == str(P.ipv4)}  # fmt: skip

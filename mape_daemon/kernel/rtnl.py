@@ -127,11 +127,20 @@ class BpfFilter:
     flags: int  # TCA_BPF_FLAGS (1: direct-action)
 
 
-class Reader:
-    """One rtnetlink socket, opened in the calling thread's network namespace."""
+class DumpRefused(RetryableError):
+    """The kernel answered a dump with an error; `code` is its errno."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+    def __init__(self, code: int):
+        super().__init__(f"reading the kernel: {os.strerror(code)}")
+        self.code = code
+
+
+class Reader:
+    """One rtnetlink socket (or another netlink family's: ctnetlink's), opened in the calling
+    thread's network namespace."""
+
+    def __init__(self, protocol: int = socket.NETLINK_ROUTE) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
         # Strict checking: the kernel then filters a route dump by table and protocol itself, so
         # a router with 100,000 routes in another table costs us nothing to read.
         self.sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
@@ -161,7 +170,7 @@ class Reader:
                     if code in nothing:
                         return iter(())
                     if code:
-                        raise RetryableError(f"reading the kernel: {os.strerror(code)}")
+                        raise DumpRefused(code)
                     if interrupted:
                         raise RetryableError("reading the kernel: it changed during the read")
                     return iter(out)
