@@ -213,12 +213,13 @@ class Provisioner:
         """Until cancelled: ask, judge, hand changed rules to `apply`, wait for the next access
         (or a WAN address change, or a reload that may have changed [isp])."""
         while True:
-            isp = config().isp
+            cfg = config()
+            isp = cfg.isp
             wait: float | None = None
             if not isp.provisions:
                 self.report = Report("off", f'isp.name = "{isp.name}"' if isp.name != "auto" else "")
                 self._drop(apply)
-            elif not (resolvers := list(isp.resolvers) or await asyncio.to_thread(self.learn, config().wan.interface)):
+            elif not (resolvers := list(isp.resolvers) or await asyncio.to_thread(self.learn, cfg.wan.interface)):
                 wait = hb46pp.next_wait(Outcome.NO_RECORD)  # as a line without the record: hours
                 self.report = Report("no resolver", "no isp.resolvers, and the WAN's router advertisements name no "
                                      "DNS server (RDNSS)", self.report.source, self.report.fetched_at,

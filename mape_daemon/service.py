@@ -113,7 +113,7 @@ class Service:
     def _provisioned(self, table: RuleTable | None) -> None:
         """New rules from HB46PP (or none): swapped in by the next sync, as a reload's config is."""
         base = self.configs.pending or self.config
-        new = self._with_provisioned(base)
+        new = base.with_provisioned(table if base.isp.provisions else None)
         if new != base:
             self.configs.pending = new
             self.runner.trigger("provisioning", urgent=True)
