@@ -33,9 +33,7 @@ OK, NXDOMAIN, NODATA, REFUSED, SILENT, WRONG_CA = (f"2001:db8:1::{n}" for n in (
 
 
 def _dnsmasq(ns: str, listen: str, *args: str):
-    return popen(ns, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--pid-file=", "--port=53",
-                 "--bind-interfaces", f"--listen-address={listen}", "--no-resolv", "--no-hosts", "--user=root",
-                 *args)  # fmt: skip
+    return popen(ns, *hb46pp_server.dnsmasq(listen, *args))
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 
+def dnsmasq(listen: str, *args: str) -> list[str]:
+    """A line's resolver: dnsmasq on `listen` alone, answering only from `args` (its records)."""
+    return ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--pid-file=", "--port=53", "--bind-interfaces",
+            f"--listen-address={listen}", "--no-resolv", "--no-hosts", "--user=root", *args]  # fmt: skip
+
+
 class _Server(ThreadingHTTPServer):
     address_family = socket.AF_INET6
 

@@ -222,12 +222,10 @@ class Lab:
         answers = self.dir / "hb46pp-answers.json"
         answers.write_text(json.dumps({"/config": {"status": 200, "body": json.dumps(answer)}}))
         log = open(self.dir / "dnsmasq.log", "ab")  # noqa: SIM115 - the process keeps it
-        self.procs["dnsmasq"] = netns.popen(
-            self.isp, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--pid-file=", "--port=53",
-            "--bind-interfaces", f"--listen-address={addr}", "--no-resolv", "--no-hosts", "--user=root",
-            "--local=/lab.example/", "--local=/4over6.info/", f"--host-record={HB46PP_HOST},{addr}",
-            f"--txt-record=4over6.info,v=v6mig-1 url=https://{HB46PP_HOST}/config t=b", stdout=log, stderr=log,
-        )  # fmt: skip
+        resolver = hb46pp_server.dnsmasq(
+            addr, "--local=/lab.example/", "--local=/4over6.info/", f"--host-record={HB46PP_HOST},{addr}",
+            f"--txt-record=4over6.info,v=v6mig-1 url=https://{HB46PP_HOST}/config t=b")  # fmt: skip
+        self.procs["dnsmasq"] = netns.popen(self.isp, *resolver, stdout=log, stderr=log)
         self.pids.append(netns.spawn(self.isp, hb46pp_server.serve, addr, 443, str(answers),
                                      str(self.dir / "hb46pp-requests.jsonl"), str(cert), str(key)))  # fmt: skip
         wait_for(lambda: f"[{addr}]:443" in netns.sh(self.isp, "ss", "-Htln"), 30, "the provisioning server")
