@@ -68,7 +68,7 @@ def test_the_request_carries_the_required_parameters_and_the_token():
 def test_the_spec_example_is_read_and_its_map_e_rule_maps_a_prefix():
     o = offer()
     assert o.order == ("464xlat", "map_e", "dslite") and o.ttl == 86400 and o.token == SPEC_EXAMPLE["token"]
-    assert o.source == "A VNE Highspeed 4over6" and o.dslite_aftr == "aftr.example.net"
+    assert o.source == "A VNE Highspeed 4over6" and o.dslite_aftr == "aftr.example.net" and o.map_e.mesh is True
     assert o.ipip == ()  # not on offer: not read
     assert hb46pp.choose(o, ("map_e", "dslite", "ipip")) == "map_e"  # 464xlat first, but not ours
     assert hb46pp.choose(o, ("dslite",)) == "dslite"
