@@ -198,8 +198,10 @@ def make_reconciler(config: Config | None, records):
 def describe_selection(result_or_computed) -> str:
     sel = result_or_computed.selection
     if sel.params is None:
-        return f"no MAP-E parameters: {sel.reason}"
+        return f"no parameters: {sel.reason}"
     p = sel.params
+    if p.rule is None:  # DS-Lite, IPIP
+        return f"{p.describe()}, tunnel from {p.ce_ipv6} (prefix from {source_text(sel)})"
     isp = maprules.ISP_NAMES.get(p.rule.isp or "", "explicit rule")
     return f"{isp}: {p.ipv4} psid {p.psid}, {p.ports} ports, CE {p.ce_ipv6} (from {source_text(sel)})"
 
@@ -228,7 +230,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"{path}: warning: {w}", file=sys.stderr)
     check_forwards_against_running(config, path)
     print(
-        f"{path}: ok (WAN {config.wan.interface}, ISP {config.isp.name}, "
+        f"{path}: ok (WAN {config.wan.interface}, method {config.isp.method}, ISP {config.isp.name}, "
         f"tunnel {config.tunnel.name}, PPPoE {'on' if config.pppoe else 'off'}, {len(config.forward)} forward(s), "
         f"UPnP {'on' if config.upnp.enabled else 'off'})"
     )

@@ -6,6 +6,7 @@ that ties several keys together names the key it blames, with the value and the 
 
 from __future__ import annotations
 
+import re
 import shlex
 import tomllib
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
@@ -15,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import maprules
+from .lines import METHODS, NoParameters, Provisioned
 from .mapcalc import IidLayout, MappingError, MapRule, range_text
 
 DEFAULT_PATH = Path("/etc/mape-daemon/mape.toml")
@@ -96,6 +98,9 @@ class IspConfig(Model):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     name: Literal["auto", "ocn", "v6plus", "biglobe", "nuro", "explicit"] = "auto"
+    method: Literal["auto", "map-e", "ds-lite", "ipip"] = Field(
+        default="auto", description="auto: the method HB46PP offers first, else MAP-E by the rule tables"
+    )
     rule: ExplicitRule | None = None
     psid: int | None = Field(default=None, ge=0, le=65535, description="provisioned PSID (EA bits carry none)")
     provisioning: Literal["auto", "hb46pp", "off"] = Field(
@@ -108,8 +113,8 @@ class IspConfig(Model):
     provisioning_user: str | None = Field(default=None, pattern=r"^[0-9A-Za-z_-]{1,32}$")
     provisioning_password: str | None = Field(default=None, pattern=r"^[0-9A-Za-z_-]{1,32}$", repr=False)
     provisioning_server: str | None = Field(default=None, description="the host the credentials are for (https only)")
-    # The rules HB46PP provisioned: set by the daemon (with_provisioned), never by the file.
-    provisioned: maprules.RuleTable | None = Field(default=None, exclude=True, repr=False)
+    # What HB46PP provisioned: set by the daemon (with_provisioned), never by the file.
+    provisioned: Provisioned | None = Field(default=None, exclude=True, repr=False)
 
     @field_validator("provisioned", mode="before")
     @classmethod
@@ -124,6 +129,8 @@ class IspConfig(Model):
             raise key_error("rule", 'is required when isp.name = "explicit"')
         if self.name != "explicit" and self.rule is not None:
             raise key_error("rule", f'is only used with isp.name = "explicit" (not {self.name!r})')
+        if self.method in ("ds-lite", "ipip") and self.name != "auto":
+            raise key_error("name", f'{self.name!r} names MAP-E rules, and isp.method is {self.method!r}: leave it out')
         if self.rule is not None:
             try:
                 self.rule.to_rule()
@@ -144,8 +151,13 @@ class IspConfig(Model):
         """HB46PP may give the rules: asked for, and no ISP or rule fixed by the user."""
         return self.provisioning != "off" and self.name == "auto"
 
-    def with_provisioned(self, table: maprules.RuleTable | None) -> IspConfig:
-        return self.model_copy(update={"provisioned": table})
+    def with_provisioned(self, offered: Provisioned | None) -> IspConfig:
+        return self.model_copy(update={"provisioned": offered})
+
+    def offered(self, method: str) -> Provisioned | None:
+        """HB46PP's parameters for `method`, if it provisions and offered that method."""
+        p = self.provisioned
+        return p if self.provisions and p is not None and p.method == method else None
 
     def rule_table(self) -> maprules.RuleTable:
         """The rules this config may map a WAN prefix with (before HB46PP's, see `match`)."""
@@ -157,9 +169,9 @@ class IspConfig(Model):
         """The rule for `prefix`: HB46PP's when it provisions one (the bundled tables after it,
         unless provisioning = "hb46pp"), else the configured or bundled rules."""
         if self.provisions:
-            if self.provisioned is not None:
+            if (offered := self.offered("map-e")) is not None:
                 try:
-                    return self.provisioned.match(prefix)
+                    return maprules.RuleTable(offered.rules).match(prefix)
                 except maprules.NoRuleError:
                     if self.provisioning == "hb46pp":
                         raise
@@ -195,6 +207,82 @@ class TunnelConfig(Model):
         if v != "none" and not (isinstance(v, int) and 0 <= v <= 255):
             raise ValueError(f'{v!r}: give "none" (no encapsulation-limit option; what the ISPs expect) or 0-255')
         return v
+
+
+def _daemon_only(value: object) -> None:
+    if value is not None:
+        raise ValueError("is set by the daemon, not in the config")
+    return None
+
+
+class DsliteConfig(Model):
+    aftr: str | None = Field(default=None, description="the AFTR: an IPv6 address, or a name the line's resolvers know")
+    interface_id: IPv6Address = Field(default=IPv6Address("::b4"), description="the B4 address in the prefix's /64")
+    # The AFTR name's address, resolved on the line's resolvers: set by the daemon, never by the file.
+    resolved: tuple[str, IPv6Address] | None = Field(default=None, exclude=True, repr=False)
+    _resolved = field_validator("resolved", mode="before")(_daemon_only)
+
+    @field_validator("aftr")
+    @classmethod
+    def _aftr(cls, v: str | None) -> str | None:
+        if v is not None and ":" not in v and not HOSTNAME.match(v):
+            raise ValueError(f"{v!r} is neither an IPv6 address nor a host name")
+        if v is not None and ":" in v:
+            IPv6Address(v)
+        return v
+
+    @field_validator("interface_id")
+    @classmethod
+    def _iid(cls, v: IPv6Address) -> IPv6Address:
+        return check_iid(v)
+
+
+LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME = re.compile(rf"^(?=.{{1,253}}$)({LABEL}\.)*{LABEL}\.?$")
+
+
+def check_iid(v: IPv6Address) -> IPv6Address:
+    if int(v) >= 1 << 64 or int(v) == 0:
+        raise ValueError(f"{v} is not an interface identifier (nonzero, within the last 64 bits, as ::feed)")
+    return v
+
+
+class IpipConfig(Model):
+    """A fixed IPv4 over IPIP; what is unset comes from HB46PP where the line provisions."""
+
+    remote: IPv6Address | None = Field(default=None, description="the provider's tunnel end")
+    ipv4: IPv4Address | None = Field(default=None, description="the fixed IPv4 address")
+    interface_id: IPv6Address | None = Field(default=None, description="ours in the prefix's /64, as the provider says")
+    update_url: str | None = Field(default=None, description="called after each change of our tunnel address")
+    update_user: str | None = None
+    update_password: str | None = Field(default=None, repr=False)
+
+    @field_validator("interface_id")
+    @classmethod
+    def _iid(cls, v: IPv6Address | None) -> IPv6Address | None:
+        return None if v is None else check_iid(v)
+
+    @field_validator("update_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not re.match(r"^https?://[^/?#]+", v):
+            raise ValueError(f"{v!r} is not an http:// or https:// URL")
+        try:
+            v.format(ipv6="::", ipv4="0.0.0.0", user="", password="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"{v!r}: only {{ipv6}}, {{ipv4}}, {{user}} and {{password}} are filled in "
+                             f"(not {e})") from None
+        return v
+
+    @model_validator(mode="after")
+    def _user_with_password(self) -> IpipConfig:
+        if (self.update_user is None) != (self.update_password is None):
+            raise key_error("update_password", "and update_user go together")
+        if self.update_user is not None and self.update_url is None:
+            raise key_error("update_user", "is for update_url: set that too")
+        return self
 
 
 class RouteConfig(Model):
@@ -424,6 +512,8 @@ class Config(Model):
     wan: WanConfig
     lan: LanConfig = LanConfig()
     isp: IspConfig = IspConfig()
+    dslite: DsliteConfig = DsliteConfig()
+    ipip: IpipConfig = IpipConfig()
     tunnel: TunnelConfig = TunnelConfig()
     route: RouteConfig = RouteConfig()
     snat: SnatConfig = SnatConfig()
@@ -465,9 +555,63 @@ class Config(Model):
             raise key_error("pppoe.interface", f"{self.pppoe.interface!r} must differ from the tunnel and the WAN")
         return self
 
-    def with_provisioned(self, table: maprules.RuleTable | None) -> Config:
-        """This config with HB46PP's rules (kept across reloads by the daemon)."""
-        return self.model_copy(update={"isp": self.isp.with_provisioned(table)})
+    def with_provisioned(self, offered: Provisioned | None) -> Config:
+        """This config with HB46PP's parameters (kept across reloads by the daemon)."""
+        return self.model_copy(update={"isp": self.isp.with_provisioned(offered)})
+
+    def with_resolved(self, resolved: tuple[str, IPv6Address] | None) -> Config:
+        """This config with the AFTR name's address (kept across reloads by the daemon)."""
+        return self.model_copy(update={"dslite": self.dslite.model_copy(update={"resolved": resolved})})
+
+    @model_validator(mode="after")
+    def _method_complete(self) -> Config:
+        """A method fixed without HB46PP must have its parameters in the file."""
+        if self.isp.provisions:
+            return self
+        if self.isp.method == "ds-lite" and self.dslite.aftr is None:
+            raise key_error("dslite.aftr", 'is required with isp.method = "ds-lite" (HB46PP is off)')
+        if self.isp.method == "ipip":
+            for key in ("remote", "ipv4", "interface_id"):
+                if getattr(self.ipip, key) is None:
+                    raise key_error(f"ipip.{key}", 'is required with isp.method = "ipip" (HB46PP is off)')
+        return self
+
+    def method(self) -> str:
+        """The method in force: the one the user fixed, else HB46PP's, else MAP-E."""
+        if self.isp.method != "auto":
+            return self.isp.method
+        p = self.isp.provisioned
+        return p.method if self.isp.provisions and p is not None and p.method in METHODS else "map-e"
+
+    def aftr_name(self) -> str | None:
+        """The AFTR as the file or HB46PP gives it (a name or an address), with DS-Lite in force."""
+        if self.method() != "ds-lite":
+            return None
+        offered = self.isp.offered("ds-lite")
+        return self.dslite.aftr or (offered.aftr if offered else None)
+
+    def aftr(self) -> IPv6Address:
+        name = self.aftr_name()
+        if name is None:
+            raise NoParameters("no AFTR: set [dslite] aftr, or use a line whose HB46PP answer gives one")
+        if ":" in name:
+            return IPv6Address(name)
+        if self.dslite.resolved is not None and self.dslite.resolved[0] == name:
+            return self.dslite.resolved[1]
+        raise NoParameters(f"the AFTR {name} has no address yet (asked on the line's resolvers)")
+
+    def ipip_tunnel(self) -> tuple[IPv6Address, IPv4Address, IPv6Address]:
+        """(provider end, fixed IPv4, our interface identifier): the file's, else HB46PP's."""
+        c, offered = self.ipip, self.isp.offered("ipip")
+        o = offered.ipip if offered else None
+        remote = c.remote or (o.remote if o else None)
+        ipv4 = c.ipv4 or (o.ipv4.ip if o else None)
+        iid = c.interface_id or (IPv6Address(int(o.local) & (1 << 64) - 1) if o else None)
+        if remote is None or ipv4 is None or iid is None:
+            missing = [k for k, v in (("remote", remote), ("ipv4", ipv4), ("interface_id", iid)) if v is None]
+            raise NoParameters(f"IPIP has no {', '.join(missing)}: set [ipip] {missing[0]}, or use a line whose "
+                               "HB46PP answer gives it")  # fmt: skip
+        return remote, ipv4, iid
 
     @property
     def lan_interfaces(self) -> tuple[str, ...]:

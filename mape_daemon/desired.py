@@ -1,7 +1,8 @@
-"""Config + MAP-E parameters -> the kernel state we want. Pure: no I/O.
+"""Config + the line's parameters (MAP-E, DS-Lite, IPIP) -> the kernel state we want. Pure: no I/O.
 
-No parameters (no usable WAN prefix) means nothing of ours at all. Netfilter is the firewall
-features' business (`firewall`); this module adds the tunnel, addresses, routes and rules.
+No parameters (no usable WAN prefix) means nothing of ours at all. Every method is the same
+tunnel, addresses, routes and rules; what differs is said by the parameters (`snat`, the port
+set), and netfilter is the firewall features' business (`firewall`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from collections.abc import Collection
 
 from . import egress, firewall, forwards
 from .config import Config
-from .mapcalc import MapParams, without
+from .lines import Line
+from .mapcalc import without
 from .state import MAIN_TABLE, NOTHING, Address, EgressGuard, Route, RoutingRule, State, Tunnel
 
 # PPPoE-only traffic finds this when ppp0 is absent: it fails closed instead of leaving by MAP-E.
@@ -21,7 +23,7 @@ class EmptyPool(ValueError):
     """Every port of the set is reserved: nothing could be SNATed."""
 
 
-def pool_ranges(params: MapParams, reserved: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
+def pool_ranges(params: Line, reserved: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
     """The port set as contiguous ranges, with reserved ports (port forwards) cut out."""
     return without(params.port_ranges, reserved)
 
@@ -31,22 +33,22 @@ def reserved(config: Config) -> tuple[tuple[int, int], ...]:
     return config.snat.reserved_ranges() + config.forwarded_ranges()
 
 
-def check_pool(config: Config, params: MapParams) -> None:
-    if not pool_ranges(params, reserved(config)):
+def check_pool(config: Config, params: Line) -> None:
+    if params.snat and not pool_ranges(params, reserved(config)):
         raise EmptyPool(
             f"snat.reserved_ports {list(config.snat.reserved_ports)} and the [[forward]] ports cover every port of "
             f"PSID {params.psid} ({params.ports} ports): nothing could be SNATed, so MAP-E stays off"
         )
 
 
-def netfilter(config: Config, params: MapParams, native: bool) -> firewall.Netfilter:
+def netfilter(config: Config, params: Line, native: bool) -> firewall.Netfilter:
     """Our netfilter state for the backend in use (`native`: the nftables backend)."""
     active, _ = forwards.split(config, params.port_ranges)
     ctx = firewall.Context(config, params, pool_ranges(params, reserved(config)), active)
     return firewall.render(ctx, native)
 
 
-def build(config: Config, params: MapParams | None, links: Collection[str] = (), native: bool = False) -> State:
+def build(config: Config, params: Line | None, links: Collection[str] = (), native: bool = False) -> State:
     """The whole desired state. `links` are the interfaces that can carry IPv4 now: ppp0 may come
     late, and is down while pppd negotiates (LCP, auth, IPCP) or up without an address; until it
     can carry traffic, table 10 holds only the unreachable default (PPPoE-only traffic fails
@@ -56,6 +58,7 @@ def build(config: Config, params: MapParams | None, links: Collection[str] = (),
         return NOTHING
     t, wan = config.tunnel, config.wan.interface
     assert params.br is not None, "a rule without a BR address cannot drive a tunnel"
+    # DS-Lite's B4 address (192.0.0.2) is not NATed by us: it is the router's own source towards the AFTR.
     tunnel = Tunnel(t.name, str(params.ce_ipv6), str(params.br), wan, t.mtu, t.hop_limit, "ipip6", str(t.encap_limit))
     addresses = {Address(wan, str(params.ce_ipv6), 128), Address(t.name, str(params.ipv4), 32)}
     routes: set[Route] = set()
@@ -73,7 +76,7 @@ def build(config: Config, params: MapParams | None, links: Collection[str] = (),
                 loose_rp.add(ppp.interface)
         routes.add(Route("default", "", ppp.table, UNREACHABLE_METRIC, kind="unreachable"))
     guards = set()
-    if config.firewall.guard:  # the nftables guard, and the one no firewall manager reaches
+    if config.firewall.guard and params.snat:  # the nftables guard, and the one no firewall manager reaches
         guards.add(EgressGuard(t.name, egress.bytecode(egress.program(params, config.snat.protocols))))
     nf = netfilter(config, params, native)
     return State(

@@ -118,8 +118,7 @@ def _provisioning(cfg: Config, outcome: str, detail: str) -> Check:
 def provision(config: Config) -> tuple[Config, tuple[str, str] | None]:
     """One HB46PP access, as the daemon would make it now: the config with the rules it gives (or
     the daemon's cached ones when it fails), and what happened. Unchanged when not provisioning."""
-    from . import hb46pp
-    from .provisioning import CAPABILITY, Provisioner, access, credentials, learn_resolvers
+    from .provisioning import CAPABILITY, Provisioner, access, chosen, credentials, learn_resolvers
 
     isp = config.isp
     if not isp.provisions:
@@ -128,9 +127,9 @@ def provision(config: Config) -> tuple[Config, tuple[str, str] | None]:
     if not resolvers:
         return config, ("no resolver", "no isp.resolvers, and the WAN's router advertisements name no DNS server")
     a = access(resolvers, CAPABILITY, None, str(isp.ca_file) if isp.ca_file else None, credentials(isp))
-    table = Provisioner().load_cache()
-    if a.offer is not None and hb46pp.choose(a.offer, CAPABILITY) == "map_e":
-        table = hb46pp.rule_table(a.offer)
+    table = Provisioner().load_cache(isp)
+    if a.offer is not None and (offered := chosen(a.offer, isp)) is not None:
+        table = offered
     elif a.outcome.value == "no record":
         table = None
     return config.with_provisioned(table), (a.outcome.value, a.detail)

@@ -20,7 +20,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from .config import Config, ForwardConfig
-from .mapcalc import MapParams, range_text
+from .lines import Line
+from .mapcalc import range_text
 from .state import Chain, Jump
 
 NAT_CHAIN = "nat-out"  # the nftables backend's SNAT chain in our table
@@ -34,7 +35,7 @@ class Context:
     """What every feature reads."""
 
     config: Config
-    params: MapParams
+    params: Line
     pool: list[tuple[int, int]]  # the SNAT pool: the port set less reserved and forwarded ports
     forwards: list[ForwardConfig]  # forwards inside the port set
 
@@ -240,6 +241,9 @@ class Snat(Feature):
 
     words = "SNAT"
 
+    def wanted(self, ctx: Context) -> bool:
+        return ctx.params.snat  # DS-Lite: the AFTR translates
+
     def iptables(self, ctx: Context) -> Iptables:
         ipv4 = str(ctx.params.ipv4)
         dispatch = tuple(f"-p {p} -j {SUB_CHAIN[p]}" for p in ctx.protos)
@@ -316,7 +320,7 @@ class Guard(Feature):
     nft_only = True
 
     def wanted(self, ctx: Context) -> bool:
-        return ctx.config.firewall.guard
+        return ctx.config.firewall.guard and ctx.params.snat
 
     def nftables(self, ctx: Context) -> tuple[NftChain, ...]:
         config, protos = ctx.config, ctx.protos
@@ -375,7 +379,7 @@ class UdpFiltering(Feature):
     nft_only = True
 
     def wanted(self, ctx: Context) -> bool:
-        return "udp" in ctx.protos and ctx.config.snat.udp_filtering != "address-and-port-dependent"
+        return ctx.params.snat and "udp" in ctx.protos and ctx.config.snat.udp_filtering != "address-and-port-dependent"
 
     def nftables(self, ctx: Context) -> tuple[NftChain, ...]:
         adf = ctx.config.snat.udp_filtering == "address-dependent"
@@ -391,7 +395,7 @@ class UdpFiltering(Feature):
 
 
 def eif(ctx: Context) -> bool:
-    return "udp" in ctx.protos and ctx.config.snat.udp_filtering == "endpoint-independent"
+    return ctx.params.snat and "udp" in ctx.protos and ctx.config.snat.udp_filtering == "endpoint-independent"
 
 
 class Hairpin(Feature):

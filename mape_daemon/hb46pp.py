@@ -18,6 +18,7 @@ from importlib import metadata
 from ipaddress import IPv4Interface, IPv4Network, IPv6Address, IPv6Network
 from urllib.parse import urlencode, urlsplit
 
+from .lines import Ipip, Provisioned
 from .mapcalc import IidLayout, MappingError, MapRule
 from .maprules import RuleTable
 
@@ -103,13 +104,6 @@ class MapE:
     br: IPv6Address
     rules: tuple[MapRule, ...]
     mesh: bool = False
-
-
-@dataclass(frozen=True)
-class Ipip:
-    local: IPv6Address
-    remote: IPv6Address
-    ipv4: IPv4Interface
 
 
 @dataclass(frozen=True)
@@ -232,6 +226,15 @@ def rule_table(offer: Offer) -> RuleTable:
     if offer.map_e is None:
         raise ProvisioningError("the answer offers no map_e")
     return RuleTable(offer.map_e.rules, about=f"provisioned by HB46PP ({offer.source})")
+
+
+def provisioned(offer: Offer, method: str) -> Provisioned:
+    """The parameters of `method` (the spec's name, one `choose` returned) in `offer`."""
+    if method == "map_e":
+        return Provisioned("map-e", offer.source, rules=rule_table(offer).rules)
+    if method == "dslite":
+        return Provisioned("ds-lite", offer.source, aftr=offer.dslite_aftr)
+    return Provisioned("ipip", offer.source, ipip=offer.ipip[0])
 
 
 class Outcome(StrEnum):

@@ -66,9 +66,9 @@ def status_line(result: SyncResult) -> str:
     if p is None:
         return f"waiting: {result.selection.reason}"
     if result.selection.held:
-        return f"holding {p.ipv4} psid {p.psid}: {result.selection.reason}"
+        return f"holding {p.short()}: {result.selection.reason}"
     state = "tunnel up" if result.ok else f"error: {result.error}"
-    return f"{p.rule.isp or 'explicit'} {p.ipv4} psid {p.psid}, {p.ports} ports, {state}"
+    return f"{p.describe()}, {state}"
 
 
 def fields(result: SyncResult, event: str, cause: str, triggers: tuple[str, ...] = ()) -> dict[str, str]:
@@ -76,7 +76,9 @@ def fields(result: SyncResult, event: str, cause: str, triggers: tuple[str, ...]
     if triggers:
         out["MAPE_TRIGGER"] = ",".join(triggers)
     if (p := result.params) is not None:
-        out |= {"MAPE_PREFIX": str(p.end_user_prefix), "MAPE_IPV4": str(p.ipv4), "MAPE_PSID": str(p.psid)}
+        out |= {"MAPE_METHOD": p.method, "MAPE_PREFIX": str(p.end_user_prefix), "MAPE_IPV4": str(p.ipv4)}
+        if p.psid is not None:
+            out["MAPE_PSID"] = str(p.psid)
     return out
 
 

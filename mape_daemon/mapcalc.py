@@ -94,6 +94,9 @@ class MapParams:
     iid: IidLayout
     port_ranges: tuple[tuple[int, int], ...]
 
+    method = "map-e"  # what every line's parameters say (lines.Line): the method,
+    snat = True  # whether we NAT the LAN to `ipv4` over `port_ranges`
+
     @property
     def ports(self) -> int:
         return sum(hi - lo + 1 for lo, hi in self.port_ranges)
@@ -101,6 +104,16 @@ class MapParams:
     @property
     def br(self) -> IPv6Address | None:
         return self.rule.br
+
+    @property
+    def isp(self) -> str:
+        return self.rule.isp or "explicit"
+
+    def short(self) -> str:
+        return f"{self.ipv4} psid {self.psid}"
+
+    def describe(self) -> str:
+        return f"{self.isp} {self.short()}, {self.ports} ports"
 
 
 def interface_id(ipv4: IPv4Address, psid: int, layout: IidLayout) -> int:

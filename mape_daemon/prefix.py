@@ -1,4 +1,4 @@
-"""Which prefix the MAP-E parameters come from. Pure: no I/O.
+"""Which prefix the line's parameters (MAP-E, DS-Lite, IPIP: lines.Line) come from. Pure: no I/O.
 
 Two sources: a prefix delegated to the router by DHCPv6-PD, and the WAN's global addresses
 (SLAAC). `wan.prefix_from` picks one, or both ("auto"): a delegation first, since it is the prefix
@@ -17,13 +17,14 @@ from functools import lru_cache
 from ipaddress import IPv6Address
 
 from .config import Config
-from .mapcalc import MapParams, MappingError, compute
+from .lines import Line, line_for
+from .mapcalc import MappingError
 from .state import WanAddress
 
 
 @dataclass(frozen=True)
 class Selection:
-    params: MapParams | None
+    params: Line | None
     source: WanAddress | None = None
     reason: str = ""  # why there are no parameters
     held: bool = False  # the prefix is gone but kept through the flap hold-down
@@ -31,10 +32,8 @@ class Selection:
 
 
 @lru_cache(maxsize=16)  # every sync maps the same address or two: a no-op sync computes nothing
-def map_address(config: Config, address: str) -> MapParams:
-    addr = IPv6Address(address)
-    rule = config.isp.match(addr)
-    return compute(rule, addr, psid=config.isp.psid)
+def map_address(config: Config, address: str) -> Line:
+    return line_for(config, IPv6Address(address))
 
 
 def is_ce_address(config: Config, address: str) -> bool:

@@ -1,12 +1,16 @@
-"""HB46PP in the daemon: when to ask (spec section 3.6), what an answer changes, and the cache.
+"""HB46PP in the daemon: when to ask (spec section 3.6), what an answer changes, and the cache;
+and the AFTR's name, resolved on the line's resolvers.
 
-An answer's MAP-E rules become the config's `isp.provisioned` (the service swaps the config in
-between two syncs, as a reload does). What never happens: a bad, empty or unreachable answer
-replacing rules that work; those keep the last good answer, from the cache across restarts
-(the spec allows using it while the server is unreachable). Only "this line has no record"
-(NXDOMAIN/NODATA) withdraws HB46PP's rules, as the spec says (c.2). `access` makes one access
-over the wire (kernel/provision); the Provisioner takes it injected, so the loop's logic is
-tested without a network.
+An answer's parameters for the method chosen (hb46pp.Provisioned: MAP-E rules, a DS-Lite AFTR, an
+IPIP tunnel) become the config's `isp.provisioned` (the service swaps the config in between two
+syncs, as a reload does). What never happens: a bad, empty or unreachable answer replacing
+parameters that work; those keep the last good answer, from the cache across restarts (the spec
+allows using it while the server is unreachable). Only "this line has no record" (NXDOMAIN/NODATA)
+withdraws HB46PP's parameters, as the spec says (c.2). An AFTR given by name is looked up on the
+same resolvers (only the line's know the provider's names) and again every AFTR_EVERY seconds; a
+failed lookup keeps the address in force. `access` makes one access over the wire
+(kernel/provision); the Provisioner takes it injected, so the loop's logic is tested without a
+network.
 """
 
 from __future__ import annotations
@@ -19,20 +23,23 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from ipaddress import IPv6Address
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 from . import hb46pp
 from .config import Config, IspConfig
 from .files import write_atomic
-from .hb46pp import Offer, Outcome, Pointer, ProvisioningError
-from .maprules import RuleTable
+from .hb46pp import Offer, Outcome, Pointer, Provisioned, ProvisioningError
+from .lines import HB46PP_NAMES
 
 log = logging.getLogger("mape-daemon")
 LIB_DIR = Path(os.environ.get("MAPE_LIB_DIR", "/var/lib/mape-daemon"))
 CACHE = "hb46pp.json"
 MAX_REDIRECTS = 3
-CAPABILITY = ("map_e",)  # the methods this daemon runs, for the server's `capability`
+CAPABILITY = ("map_e", "dslite", "ipip")  # the methods this daemon runs, for the server's `capability`
+AFTR_EVERY = 900.0  # seconds between two lookups of the AFTR's name (a moved AFTR is followed)
+AFTR_RETRY = 60.0  # ... after a failed one
 EVENT = {"MAPE_EVENT": "provisioning", "MAPE_CAUSE": "provisioning"}
 
 
@@ -118,25 +125,46 @@ def learn_resolvers(wan: str) -> list[str]:
         return []
 
 
+def resolve_aftr(name: str, resolvers: list[str]) -> str:
+    """The AFTR name's first AAAA on the line's resolvers."""
+    from .kernel import provision as wire
+
+    try:
+        return str(IPv6Address(wire.query(name, wire.AAAA, resolvers)[0]))
+    except (wire.NoRecord, wire.DnsFailed) as e:
+        raise LookupError(f"{name}: no AAAA on the line's resolvers ({e})") from None
+
+
+def chosen(offer: Offer, isp: IspConfig) -> Provisioned | None:
+    """The parameters of the method to run from `offer`: the user's fixed one if on offer, else
+    the first of its `order` we run."""
+    fixed = HB46PP_NAMES.get(isp.method)
+    method = hb46pp.choose(offer, CAPABILITY, fixed)
+    return None if method is None else hb46pp.provisioned(offer, method)
+
+
 class Provisioner:
     def __init__(self, lib_dir: Path | None = None, ask: Callable[..., Access] = access,
-                 learn: Callable[[str], list[str]] | None = None, clock: Callable[[], float] = time.time):  # fmt: skip
+                 learn: Callable[[str], list[str]] | None = None, clock: Callable[[], float] = time.time,
+                 resolve: Callable[[str, list[str]], str] = resolve_aftr):  # fmt: skip
         self.cache = (lib_dir or LIB_DIR) / CACHE
-        self.ask, self.learn = ask, learn or learn_resolvers
+        self.ask, self.learn, self.resolve = ask, learn or learn_resolvers, resolve
         self.clock = clock
-        self.table: RuleTable | None = None
+        self.table: Provisioned | None = None  # HB46PP's parameters in force
+        self.aftr: tuple[str, IPv6Address] | None = None  # the AFTR name's address in force
+        self.aftr_problem: str | None = None
         self.token: str | None = None
         self.report = Report()
         self.wake = asyncio.Event()
         self.asked_for: frozenset[str] | None = None  # the WAN addresses the last access was made for
 
     # --- the cache ---------------------------------------------------------------------------
-    def load_cache(self) -> RuleTable | None:
+    def load_cache(self, isp: IspConfig) -> Provisioned | None:
         """The last good answer, if there is one we can read (a damaged cache is said and ignored)."""
         try:
             data = json.loads(self.cache.read_text())
             offer = hb46pp.parse_offer(json.dumps(data["answer"]).encode())
-            self.table = hb46pp.rule_table(offer)
+            self.table = chosen(offer, isp)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, ProvisioningError) as e:
@@ -158,28 +186,26 @@ class Provisioner:
         self.cache.unlink(missing_ok=True)
 
     # --- one access, judged --------------------------------------------------------------------
-    def judge(self, a: Access) -> tuple[RuleTable | None, float]:
-        """The rules in force after access `a`, and the seconds until the next access."""
+    def judge(self, a: Access, isp: IspConfig) -> tuple[Provisioned | None, float]:
+        """The parameters in force after access `a`, and the seconds until the next access."""
         now = self.clock()
         if a.outcome is Outcome.OK:
             offer = a.offer
-            method = hb46pp.choose(offer, CAPABILITY)
+            assert offer is not None
             if offer.token:
                 self.token = offer.token
             wait = hb46pp.next_wait(Outcome.OK, offer.ttl)
-            if method == "map_e":
-                table = hb46pp.rule_table(offer)
+            if (table := chosen(offer, isp)) is not None:
                 if table != self.table:
-                    log.info("HB46PP: MAP-E rules from %s (%d rule(s), BR %s), valid %s", offer.source,
-                             len(table.rules), offer.map_e.br, f"{offer.ttl} s" if offer.ttl else "a day",
+                    log.info("HB46PP: %s, valid %s", table.describe(), f"{offer.ttl} s" if offer.ttl else "a day",
                              extra=EVENT)  # fmt: skip
                 self._save(offer)
                 self.table = table
                 self.report = Report("ok", a.detail, offer.source, now, now + wait)
             else:
-                keep = "keeping the rules in force" if self.table else "the bundled tables stay"
-                log.warning("HB46PP: %s; nothing we run (we run %s); %s", a.detail, ", ".join(CAPABILITY), keep,
-                            extra=EVENT)  # fmt: skip
+                keep = "keeping the parameters in force" if self.table else "the bundled tables stay"
+                runs = isp.method if isp.method != "auto" else ", ".join(CAPABILITY)
+                log.warning("HB46PP: %s; nothing we run (we run %s); %s", a.detail, runs, keep, extra=EVENT)
                 self.report = Report("ok", f"{a.detail}: nothing we run", self.report.source,
                                      self.report.fetched_at, now + wait)  # fmt: skip
             return self.table, wait
@@ -209,34 +235,63 @@ class Provisioner:
             self.wake.set()
 
     async def run(self, config: Callable[[], Config], addresses: Callable[[], frozenset[str]],
-                  apply: Callable[[RuleTable | None], None]) -> None:  # fmt: skip
-        """Until cancelled: ask, judge, hand changed rules to `apply`, wait for the next access
-        (or a WAN address change, or a reload that may have changed [isp])."""
+                  apply: Callable[[Provisioned | None], None],
+                  resolved: Callable[[tuple[str, IPv6Address] | None], None] = lambda r: None) -> None:  # fmt: skip
+        """Until cancelled: ask, judge, hand changed parameters to `apply` and a changed AFTR
+        address to `resolved`, wait for the next access or lookup (or a WAN address change, or a
+        reload that may have changed [isp] or [dslite])."""
         while True:
             cfg = config()
             isp = cfg.isp
-            wait: float | None = None
+            waits: list[float] = []
+            resolvers: list[str] | None = None
             if not isp.provisions:
                 self.report = Report("off", f'isp.name = "{isp.name}"' if isp.name != "auto" else "")
                 self._drop(apply)
-            elif not (resolvers := list(isp.resolvers) or await asyncio.to_thread(self.learn, cfg.wan.interface)):
-                wait = hb46pp.next_wait(Outcome.NO_RECORD)  # as a line without the record: hours
+            elif not (resolvers := await self._resolvers(cfg)):
+                waits.append(hb46pp.next_wait(Outcome.NO_RECORD))  # as a line without the record: hours
                 self.report = Report("no resolver", "no isp.resolvers, and the WAN's router advertisements name no "
                                      "DNS server (RDNSS)", self.report.source, self.report.fetched_at,
-                                     self.clock() + wait)  # fmt: skip
+                                     self.clock() + waits[-1])  # fmt: skip
             else:
                 self.asked_for = addresses()
                 ca = str(isp.ca_file) if isp.ca_file else None
                 a = await asyncio.to_thread(self.ask, resolvers, CAPABILITY, self.token, ca, credentials(isp))
                 before = self.table
-                table, wait = self.judge(a)
+                table, wait = self.judge(a, isp)
+                waits.append(wait)
                 if table != before or table != isp.provisioned:
                     apply(table)
+            if (name := config().aftr_name()) is not None and ":" not in name:
+                if resolvers is None:
+                    resolvers = await self._resolvers(config())
+                waits.append(await self._look_up(name, resolvers, resolved))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), wait)
+                await asyncio.wait_for(self.wake.wait(), min(waits, default=None))
             self.wake.clear()
 
-    def _drop(self, apply: Callable[[RuleTable | None], None]) -> None:
+    async def _resolvers(self, cfg: Config) -> list[str]:
+        return list(cfg.isp.resolvers) or await asyncio.to_thread(self.learn, cfg.wan.interface)
+
+    async def _look_up(self, name: str, resolvers: list[str],
+                       resolved: Callable[[tuple[str, IPv6Address] | None], None]) -> float:  # fmt: skip
+        """One lookup of the AFTR's name; the seconds until the next."""
+        try:
+            found = (name, IPv6Address(await asyncio.to_thread(self.resolve, name, resolvers)))
+        except LookupError as e:
+            if str(e) != self.aftr_problem:
+                keep = f"keeping {self.aftr[1]}" if self.aftr and self.aftr[0] == name else "DS-Lite waits for it"
+                log.warning("DS-Lite: the AFTR %s; %s (next try in %.0f s)", e, keep, AFTR_RETRY, extra=EVENT)
+            self.aftr_problem = str(e)
+            return AFTR_RETRY
+        self.aftr_problem = None
+        if found != self.aftr:
+            log.info("DS-Lite: the AFTR %s is %s", name, found[1], extra=EVENT)
+            self.aftr = found
+            resolved(found)
+        return AFTR_EVERY
+
+    def _drop(self, apply: Callable[[Provisioned | None], None]) -> None:
         if self.table is not None:
             self.table = None
             apply(None)

@@ -18,7 +18,8 @@ from . import desired as desired_mod
 from .actions import Action, ConntrackCleanup, Plan
 from .config import Config
 from .errors import ConflictError, RetryableError
-from .mapcalc import MapParams, MappingError
+from .lines import Line
+from .mapcalc import MappingError
 from .plan import diff
 from .prefix import Selection, map_address, select
 from .record import AppliedMapping, RecordFile
@@ -57,7 +58,8 @@ def mapping_of(selection: Selection) -> AppliedMapping | None:
     if p is None:
         return None
     source = selection.source.address if selection.source else str(p.end_user_prefix.network_address)
-    return AppliedMapping(str(p.end_user_prefix), source, str(p.ipv4), p.psid, [tuple(r) for r in p.port_ranges])
+    return AppliedMapping(str(p.end_user_prefix), source, str(p.ipv4) if p.snat else "", p.psid,
+                          [tuple(r) for r in p.port_ranges], p.method, p.short())  # fmt: skip
 
 
 def _describe_conflicts(cfg: Config, want: State, obs: Observed) -> tuple[State, list[str]]:
@@ -183,7 +185,7 @@ class Reconciler:
         plan = Plan(plan.actions + tuple(self._conntrack(selection, want, plan)))
         return Computed(obs, selection, want, plan, tuple(conflicts), recheck)
 
-    def _build(self, cfg: Config, params: MapParams | None, links: Mapping[str, str]) -> State:
+    def _build(self, cfg: Config, params: Line | None, links: Mapping[str, str]) -> State:
         """The desired state in the kernel's normal form, built again only when what it reads moved
         (the config, the mapping, whether ppp0 can carry traffic, the backend): a no-op sync
         builds nothing. `links`: the interfaces that can carry IPv4 now."""
@@ -228,14 +230,14 @@ class Reconciler:
         if old is not None and (new is None or (old.ipv4, old.ranges) != (new.ipv4, new.ranges)):
             moved = new is None or new.ipv4 != old.ipv4
             c = ConntrackCleanup(
-                drop_ipv4=(old.ipv4,) if moved else (),
-                ipv4=new.ipv4 if new else None,
+                drop_ipv4=(old.ipv4,) if moved and old.ipv4 else (),
+                ipv4=(new.ipv4 or None) if new else None,
                 ranges=tuple(map(tuple, new.ranges)) if new else (),
-                why=f"the mapping moved from {old.ipv4} psid {old.psid}" if new else f"{old.ipv4} is no longer ours",
+                why=f"the mapping moved from {old.text}" if new else f"{old.text} is no longer ours",
             )
-            if c not in pending:
+            if (c.drop_ipv4 or c.ipv4) and c not in pending:
                 yield c
-        elif new is not None and old is not None and self._repairs_nat(plan):
+        elif new is not None and new.ipv4 and old is not None and self._repairs_nat(plan):
             c = ConntrackCleanup(
                 ipv4=new.ipv4,
                 ranges=tuple(map(tuple, new.ranges)),

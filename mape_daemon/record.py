@@ -30,13 +30,18 @@ RECORD_NAME, LOCK_NAME = "owned.json", "lock"
 
 @dataclass
 class AppliedMapping:
-    """The MAP-E parameters last applied (what connections were NATed to)."""
+    """The line's parameters last applied (what connections were NATed to)."""
 
     prefix: str
     source: str  # the WAN address it came from
-    ipv4: str
-    psid: int
+    ipv4: str  # "" where we NAT to nothing (DS-Lite)
+    psid: int | None
     ranges: list[tuple[int, int]]
+    method: str = "map-e"
+    text: str = ""  # how the journal names it ("192.0.2.5 psid 3", "fixed IPv4 ...")
+
+    def __post_init__(self) -> None:
+        self.text = self.text or f"{self.ipv4} psid {self.psid}"  # a record from before methods
 
     def ports(self) -> set[int]:
         return {p for lo, hi in self.ranges for p in range(lo, hi + 1)}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
 
 from .actions import Action, Words
+from .lines import TITLE
 from .result import SyncResult
 
 
@@ -57,9 +58,10 @@ def describe(result: SyncResult, cause: str) -> list[Line]:
     p, prev = result.params, result.previous
     deleted = result.conntrack_deleted
     if p is None:
-        what = f"was {prev.ipv4} psid {prev.psid}" if prev else "nothing mapped"
-        return [Line("teardown", f"MAP-E off: {result.selection.reason} ({what}); removed {len(actions)} object(s)")]
-    mapped = f"{p.rule.isp or 'explicit rule'} {p.ipv4} psid {p.psid}, {p.ports} ports"
+        what = f"was {prev.text}" if prev else "nothing mapped"
+        title = TITLE.get(prev.method if prev else "", "MAP-E")
+        return [Line("teardown", f"{title} off: {result.selection.reason} ({what}); removed {len(actions)} object(s)")]
+    mapped = p.describe()
     if prev is None:
         sel = result.selection
         src = sel.source.describe() if sel.source else str(p.end_user_prefix)
@@ -68,10 +70,10 @@ def describe(result: SyncResult, cause: str) -> list[Line]:
         if sel.passed_over:
             lines.append(Line(event, f"not used: {sel.passed_over} (wan.prefix_from = auto takes a delegation first)"))
         return lines
-    if (prev.ipv4, prev.psid) != (str(p.ipv4), p.psid) or prev.prefix != str(p.end_user_prefix):
+    if prev.text != p.short() or prev.prefix != str(p.end_user_prefix):
         old = f"{prev.prefix} {prefix_state(prev.prefix, result)}" if prev.prefix != str(p.end_user_prefix) else ""
-        text = (f"moved to {p.ipv4} psid {p.psid} (prefix {p.end_user_prefix} announced"
-                f"{', ' + old if old else ''}; was {prev.ipv4} psid {prev.psid})")  # fmt: skip
+        text = (f"moved to {p.short()} (prefix {p.end_user_prefix} announced"
+                f"{', ' + old if old else ''}; was {prev.text})")  # fmt: skip
         lines = [Line("prefix-change", text)]
         if deleted:
             lines.append(Line("prefix-change", f"conntrack: {deleted} connection(s) of the old mapping deleted"))

@@ -22,7 +22,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from ipaddress import IPv6Network
+from ipaddress import IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,8 @@ from . import upnp
 from .config import Config, load
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, CannotRunHere, MapeError, RetryableError
 from .events import IPTABLES_NFT_TABLES, OUR_TABLES, Events
+from .hb46pp import Provisioned
 from .journal import SyncJournal, fields, notify, setup_logging, status_line
-from .maprules import RuleTable
 from .metrics import Metrics
 from .portuse import Exhaustion, usage
 from .prefix import source_text
@@ -63,7 +63,7 @@ class Service:
         self.path, self.records, self.state_dir = config_path, records, state_dir
         self.provisioner = provisioner or Provisioner()
         if config.isp.provisions:
-            config = config.with_provisioned(self.provisioner.load_cache())  # the last good answer, meanwhile
+            config = config.with_provisioned(self.provisioner.load_cache(config.isp))  # the last good answer
         self.reconciler = Reconciler(config, make_kernel(config), records, kernel_for=kernel_for)
         self.runner = Runner(self.sync_once)
         self.configs = ConfigSwitch(config_path, self.reconciler, records, make_kernel)
@@ -108,13 +108,22 @@ class Service:
 
     # --- HB46PP ------------------------------------------------------------------------------
     def _with_provisioned(self, cfg: Config) -> Config:
-        return cfg.with_provisioned(self.provisioner.table if cfg.isp.provisions else None)
+        """A reloaded config with what was learned on the line (HB46PP's parameters, the AFTR's address)."""
+        return cfg.with_provisioned(self.provisioner.table if cfg.isp.provisions else None).with_resolved(
+            self.provisioner.aftr)
 
-    def _provisioned(self, table: RuleTable | None) -> None:
-        """New rules from HB46PP (or none): swapped in by the next sync, as a reload's config is."""
+    def _provisioned(self, table: Provisioned | None) -> None:
+        """New parameters from HB46PP (or none): swapped in by the next sync, as a reload's config is."""
         base = self.configs.pending or self.config
-        new = base.with_provisioned(table if base.isp.provisions else None)
-        if new != base:
+        self._learned(base.with_provisioned(table if base.isp.provisions else None))
+
+    def _resolved(self, aftr: tuple[str, IPv6Address] | None) -> None:
+        """The AFTR's name has a new address: swapped in by the next sync."""
+        base = self.configs.pending or self.config
+        self._learned(base.with_resolved(aftr))
+
+    def _learned(self, new: Config) -> None:
+        if new != (self.configs.pending or self.config):
             self.configs.pending = new
             self.runner.trigger("provisioning", urgent=True)
         elif self.last is not None:
@@ -137,7 +146,7 @@ class Service:
     async def sync_once(self, cause: str, triggers: tuple[str, ...] = ()) -> bool:
         reloaded = self.configs.pending
         if reloaded is not None:
-            before = self.config.isp.with_provisioned(None)
+            before = _line_settings(self.config)
             problem = await asyncio.to_thread(self.configs.switch, reloaded)
             if problem is not None:
                 # Half removed is the worst state: put the old config's state back whole, then retry.
@@ -157,8 +166,8 @@ class Service:
                 return False
             self._set_period()
             self._serve_metrics()
-            if reloaded.isp.with_provisioned(None) != before:
-                self.provisioner.wake.set()  # [isp] changed (resolvers, provisioning): ask now
+            if _line_settings(reloaded) != before:
+                self.provisioner.wake.set()  # [isp] or [dslite] changed (resolvers, provisioning, AFTR): ask now
         self.syncs += 1
         result = await asyncio.to_thread(self.reconciler.sync)
         self.events.after_sync()
@@ -192,7 +201,7 @@ class Service:
         return result.ok
 
     async def _upnp(self, result: SyncResult, cause: str, stopping: bool = False) -> None:
-        params = None if stopping else result.params
+        params = None if stopping or result.params is None or not result.params.snat else result.params
         try:
             said = await asyncio.to_thread(self.miniupnpd.update, self.config, params)
         except upnp.UpnpError as e:
@@ -213,7 +222,8 @@ class Service:
         snap.ok, snap.mapped, snap.conflicts = result.ok, p is not None, len(result.conflicts)
         source = result.selection.source
         snap.info = {} if p is None else {
-            "isp": p.rule.isp or "explicit", "ipv4": str(p.ipv4), "psid": str(p.psid), "rule": str(p.rule.ipv6_prefix),
+            "method": p.method, "isp": p.isp or p.method, "ipv4": str(p.ipv4), "psid": str(p.psid or 0),
+            "rule": str(p.rule.ipv6_prefix) if p.rule else "",
             "prefix": str(p.end_user_prefix), "source": source.origin if source is not None else "config",
         }  # fmt: skip
         snap.forwards = {"active": len(self.journal.active) if p else 0, "disabled": len(self.journal.unavailable)}
@@ -238,7 +248,7 @@ class Service:
         """One reading of conntrack: ports in use for the metrics, and the running-out episodes."""
         p = self.last.params if self.last is not None else None
         usages = {}
-        if p is None:
+        if p is None or not p.snat:
             lines = self.exhaustion.clear()
         else:
             try:
@@ -302,8 +312,11 @@ class Service:
             held=result.selection.held,
             prefix=str(p.end_user_prefix) if p else None,
             prefix_from=source_text(result.selection),
-            isp=p.rule.isp if p else None,
-            rule=str(p.rule.ipv6_prefix) if p else None,
+            method=p.method if p else None,
+            summary=p.describe() if p else None,
+            remote=str(p.br) if p else None,
+            isp=p.rule.isp if p and p.rule else None,
+            rule=str(p.rule.ipv6_prefix) if p and p.rule else None,
             ipv4=str(p.ipv4) if p else None,
             psid=p.psid if p else None,
             psid_len=p.psid_len if p else None,
@@ -350,7 +363,7 @@ class Service:
         tasks = await self.events.start(lambda: self.config.tunnel.name, lambda: self.config.firewalld.zone)
         self._serve_metrics()
         provisioning = self.provisioner.run(lambda: self.configs.pending or self.config, self._wan_addresses,
-                                            self._provisioned)  # fmt: skip
+                                            self._provisioned, self._resolved)  # fmt: skip
         helpers = (asyncio.create_task(self.watchdog()), asyncio.create_task(self.ports_watch()),
                    asyncio.create_task(provisioning))  # fmt: skip
         try:
@@ -382,6 +395,11 @@ class Service:
         log.info("stopped: removed %d object(s) of ours", result.applied, extra=fields(result, "stop", "stop"))
         await self._upnp(result, "stop", stopping=True)  # miniupnpd's file goes with the tunnel
         return EXIT_OK
+
+
+def _line_settings(cfg: Config) -> tuple:
+    """What the provisioning loop reads of a config, less what it put there itself."""
+    return cfg.isp.with_provisioned(None), cfg.dslite.model_copy(update={"resolved": None})
 
 
 def _stop_before(spec: str, syncs: Callable[[], int]) -> Callable[[Any], None]:

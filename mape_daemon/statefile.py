@@ -31,6 +31,9 @@ class DaemonState:
     held: bool = False  # the prefix is gone and the last mapping is held (flap hold-down)
     prefix: str | None = None
     prefix_from: str | None = None  # what it was taken from: the WAN's address or the delegation (and what not)
+    method: str | None = None  # map-e, ds-lite, ipip
+    summary: str | None = None  # the parameters in a line ("DS-Lite via AFTR ...")
+    remote: str | None = None  # the tunnel's far end: the BR, the AFTR, the provider's end
     isp: str | None = None
     rule: str | None = None
     ipv4: str | None = None
@@ -50,6 +53,7 @@ class DaemonState:
     config_loaded_at: float | None = None
     ports_running_out: dict[str, str] = field(default_factory=dict)  # protocol -> why (an open episode)
     provisioning: dict[str, Any] | None = None  # HB46PP: the last access and whose rules are in force
+    update: dict[str, Any] | None = None  # IPIP: the provider's update endpoint, last call
 
     def write(self, state_dir: Path = STATE_DIR) -> None:
         write_atomic(state_dir / NAME, json.dumps(asdict(self)))

@@ -64,6 +64,24 @@ def _provisioning(p: dict[str, Any] | None) -> list[str]:
     return [f"HB46PP:     {'; '.join(parts)}"]
 
 
+def _line(s: dict[str, Any]) -> list[str]:
+    """The parameters in force: MAP-E's rule, IPv4 and PSID; DS-Lite's AFTR; IPIP's fixed IPv4."""
+    if s.get("method") in (None, "map-e"):
+        return [f"ISP/rule:   {s['isp'] or '-'} {s['rule'] or ''}",
+                f"IPv4:       {s['ipv4'] or '-'}   PSID {s['psid'] if s['psid'] is not None else '-'}",
+                f"CE address: {s['ce_ipv6'] or '-'}"]  # fmt: skip
+    local = "B4 address" if s["method"] == "ds-lite" else "tunnel from"
+    return [f"method:     {s['summary']}", f"{local + ':':11} {s['ce_ipv6'] or '-'}"]
+
+
+def _update(u: dict[str, Any] | None) -> list[str]:
+    if not u:
+        return []
+    when = f" {_clock(u['at'])}" if u.get("at") else ""
+    nxt = f"; next try {_clock(u['next_at'])}" if u.get("next_at") else ""
+    return [f"update:     {u['state']}{when}: {u['detail']}{nxt}"]
+
+
 def to_text(s: dict[str, Any]) -> str:
     if "last_sync" not in s:
         return s.get("error", "no state")
@@ -72,10 +90,9 @@ def to_text(s: dict[str, Any]) -> str:
     lines = [
         f"prefix:     {s['prefix'] or '-'}  ({s.get('reason') or 'ok'})",
         *([f"from:       {s['prefix_from']}"] if s.get("prefix_from") else []),
-        f"ISP/rule:   {s['isp'] or '-'} {s['rule'] or ''}",
+        *_line(s),
         *_provisioning(s.get("provisioning")),
-        f"IPv4:       {s['ipv4'] or '-'}   PSID {s['psid'] if s['psid'] is not None else '-'}",
-        f"CE address: {s['ce_ipv6'] or '-'}",
+        *_update(s.get("update")),
         f"tunnel:     {t['name']} {'up' if t['up'] else 'DOWN' if t['present'] else 'absent'}",
         *([f"firewall:   {s['backend']}"] if s.get("backend") else []),
         f"last sync:  {age:.0f} s ago, {'ok' if s['ok'] else 'FAILED: ' + str(s['error'])}, {s['changes']} change(s)",

@@ -65,7 +65,7 @@ def test_apply_runs_once_without_once_and_cleanup_works_without_a_config(tmp_pat
     with fresh_netns() as ns:
         r = mape("apply", "-c", str(good), ns=ns, state=tmp_path / "run")
         assert r.returncode == 0, r.stderr
-        assert "no MAP-E parameters: no global IPv6 address on wan0" in r.stdout
+        assert "no parameters: no global IPv6 address on wan0" in r.stdout
         assert "0 change(s), 0 kernel write(s)" in r.stdout
         r = mape("cleanup", "-c", str(tmp_path / "missing.toml"), ns=ns, state=tmp_path / "run")
         assert r.returncode == 0 and "removing what the record" in r.stderr and "nothing to change" in r.stdout

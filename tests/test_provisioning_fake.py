@@ -24,6 +24,7 @@ from tests.test_hb46pp import SPEC_EXAMPLE
 
 LINE = "2001:db8:1:2345:5054:ff:fe12:3456"  # in the spec example's rule, in no bundled table
 CONFIG = '[wan]\ninterface = "wan0"\n[isp]\nprovisioning = "hb46pp"\nresolvers = ["2001:db8::53"]\n'
+ISP = parse(CONFIG).isp
 
 
 def ok(**changes) -> Access:
@@ -33,30 +34,30 @@ def ok(**changes) -> Access:
 
 def test_each_outcome_keeps_or_changes_the_rules_as_the_spec_says(tmp_path, caplog):
     p = Provisioner(tmp_path)
-    table, wait = p.judge(ok())
+    table, wait = p.judge(ok(), ISP)
     assert table is not None and table.rules[0].isp == "hb46pp" and 0.9 * 86400 <= wait <= 86400
     assert p.token == SPEC_EXAMPLE["token"] and p.report.state == "ok" and p.report.source == "A VNE Highspeed 4over6"
     assert json.loads((tmp_path / "hb46pp.json").read_text())["answer"]["map_e"] == SPEC_EXAMPLE["map_e"]
     with caplog.at_level(logging.WARNING, "mape-daemon"):
         for outcome, (lo, hi) in ((Outcome.BAD_REPLY, (600, 1800)), (Outcome.NO_REPLY, (600, 1800)),
                                   (Outcome.DNS_FAILED, (60, 600))):  # fmt: skip
-            kept, wait = p.judge(Access(outcome, detail=f"it went {outcome}"))
+            kept, wait = p.judge(Access(outcome, detail=f"it went {outcome}"), ISP)
             assert kept == table and lo <= wait <= hi and p.report.state == "failed", outcome
         assert "keeping the last good answer" in caplog.text
-        kept, _ = p.judge(ok(order=[]))  # an empty answer never replaces working rules
+        kept, _ = p.judge(ok(order=[]), ISP)  # an empty answer never replaces working rules
         assert kept == table and "nothing we run" in p.report.detail
-        kept, _ = p.judge(ok(order=["dslite"]))
+        kept, _ = p.judge(ok(order=["lw4o6"]), ISP)  # nothing we run
         assert kept == table
-    assert Provisioner(tmp_path).load_cache() == table  # a restart uses the last good answer meanwhile
-    gone, wait = p.judge(Access(Outcome.NO_RECORD, detail="no 4over6.info TXT record (NXDOMAIN)"))
+    assert Provisioner(tmp_path).load_cache(ISP) == table  # a restart uses the last good answer meanwhile
+    gone, wait = p.judge(Access(Outcome.NO_RECORD, detail="no 4over6.info TXT record (NXDOMAIN)"), ISP)
     assert gone is None and 3600 <= wait <= 10800 and p.token is None  # c.2: the line does not provision
-    assert not (tmp_path / "hb46pp.json").exists() and Provisioner(tmp_path).load_cache() is None
+    assert not (tmp_path / "hb46pp.json").exists() and Provisioner(tmp_path).load_cache(ISP) is None
 
 
 def test_a_damaged_cache_is_said_and_ignored(tmp_path, caplog):
     (tmp_path / "hb46pp.json").write_text('{"answer": {"order": ["map_e"]}}')
     with caplog.at_level(logging.WARNING, "mape-daemon"):
-        assert Provisioner(tmp_path).load_cache() is None
+        assert Provisioner(tmp_path).load_cache(ISP) is None
     assert "ignoring the cached answer" in caplog.text and "no map_e" in caplog.text
 
 
@@ -111,7 +112,7 @@ def test_a_provisioned_line_is_mapped_kept_across_a_reload_and_asked_again_when_
     assert "no HB46PP answer yet" in svc.last.selection.reason  # fail closed: nothing mapped yet
     svc.runner.schedule.started(0)  # as the runner does for the start sync
     run_loop_once(svc)
-    assert access.calls == [(("2001:db8::53",), ("map_e",), None)]
+    assert access.calls == [(("2001:db8::53",), ("map_e", "dslite", "ipip"), None)]
     assert svc.pending is not None and "provisioning" in svc.runner.schedule.causes  # a sync asked for
     assert svc.runner.schedule.urgent  # ... at once
     assert svc.runner.schedule.cause(0) == "provisioning"  # the runner knows the cause (it crashed on it once)
@@ -142,7 +143,7 @@ def test_a_provisioned_line_is_mapped_kept_across_a_reload_and_asked_again_when_
 
 def test_a_cached_answer_maps_the_line_from_the_first_sync(line):
     svc, k, _, tmp_path = line
-    svc.provisioner.judge(ok())  # a previous run's answer, cached
+    svc.provisioner.judge(ok(), ISP)  # a previous run's answer, cached
     again = Service(str(tmp_path / "mape.toml"), parse(CONFIG), RecordFile(tmp_path / "run2"), lambda cfg: k,
                     tmp_path / "run2", provisioner=Provisioner(tmp_path / "lib", FakeAccess()))  # fmt: skip
     assert asyncio.run(again.sync_once("start")) and again.last.params.rule.isp == "hb46pp"
@@ -190,7 +191,7 @@ def test_without_isp_resolvers_the_ras_rdnss_are_asked_and_none_waits_hours(tmp_
     assert access.calls == [] and p.report.state == "no resolver" and p.report.next_at - time.time() >= 3600
     learned.append("fe80::1%wan0")
     asyncio.run(once())
-    assert access.calls == [(("fe80::1%wan0",), ("map_e",), None)] and applied and applied[-1] is not None
+    assert access.calls == [(("fe80::1%wan0",), ("map_e", "dslite", "ipip"), None)] and applied and applied[-1] is not None
 
 
 def test_metrics_say_how_the_last_access_ended_and_when_the_rules_were_fetched(line):
@@ -213,11 +214,11 @@ def test_metrics_say_how_the_last_access_ended_and_when_the_rules_were_fetched(l
         assert r.returncode == 0, r.stdout + r.stderr
         assert m[("mape_provisioning_state", (("state", "ok"),))] == 1
         assert abs(m[("mape_provisioning_answer_timestamp_seconds", ())] - time.time()) < 60
-        svc.provisioner.judge(Access(Outcome.NO_REPLY, detail="no answer"))
+        svc.provisioner.judge(Access(Outcome.NO_REPLY, detail="no answer"), ISP)
         _, m = scrape(svc)
         assert m[("mape_provisioning_state", (("state", "failed"),))] == 1
         assert m[("mape_provisioning_state", (("state", "ok"),))] == 0
-        svc.provisioner.judge(Access(Outcome.NO_RECORD, detail="NXDOMAIN"))
+        svc.provisioner.judge(Access(Outcome.NO_RECORD, detail="NXDOMAIN"), ISP)
         _, m = scrape(svc)
         assert m[("mape_provisioning_state", (("state", "no_record"),))] == 1
     finally:
