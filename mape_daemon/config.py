@@ -130,7 +130,7 @@ class IspConfig(Model):
         if self.name != "explicit" and self.rule is not None:
             raise key_error("rule", f'is only used with isp.name = "explicit" (not {self.name!r})')
         if self.method in ("ds-lite", "ipip") and self.name != "auto":
-            raise key_error("name", f'{self.name!r} names MAP-E rules, and isp.method is {self.method!r}: leave it out')
+            raise key_error("name", f"{self.name!r} names MAP-E rules, and isp.method is {self.method!r}: leave it out")
         if self.rule is not None:
             try:
                 self.rule.to_rule()
@@ -272,8 +272,9 @@ class IpipConfig(Model):
         try:
             v.format(ipv6="::", ipv4="0.0.0.0", user="", password="")
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"{v!r}: only {{ipv6}}, {{ipv4}}, {{user}} and {{password}} are filled in "
-                             f"(not {e})") from None
+            raise ValueError(
+                f"{v!r}: only {{ipv6}}, {{ipv4}}, {{user}} and {{password}} are filled in (not {e})"
+            ) from None
         return v
 
     @model_validator(mode="after")

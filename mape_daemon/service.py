@@ -110,7 +110,8 @@ class Service:
     def _with_provisioned(self, cfg: Config) -> Config:
         """A reloaded config with what was learned on the line (HB46PP's parameters, the AFTR's address)."""
         return cfg.with_provisioned(self.provisioner.table if cfg.isp.provisions else None).with_resolved(
-            self.provisioner.aftr)
+            self.provisioner.aftr
+        )
 
     def _provisioned(self, table: Provisioned | None) -> None:
         """New parameters from HB46PP (or none): swapped in by the next sync, as a reload's config is."""

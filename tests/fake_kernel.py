@@ -218,6 +218,7 @@ class FakeKernel:
             del self.links[obj.name]
             self.addresses = {a for a in self.addresses if a.ifname != obj.name}
             self.routes = {r: p for r, p in self.routes.items() if r.dev != obj.name}
+            self.guards.pop(obj.name, None)  # its qdisc and filter go with the device
 
     def _egressguard(self, action: NetAction) -> None:
         obj = action.obj

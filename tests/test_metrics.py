@@ -63,8 +63,9 @@ def test_a_scrape_reads_the_mapping_ports_syncs_and_repairs(tmp_path):
         text, m = scrape(svc)
         assert m[("mape_up", ())] == 1 and m[("mape_mapped", ())] == 1
         info = next(labels for name, labels in m if name == "mape_mapping_info")
-        assert dict(info) == {"method": "map-e", "isp": "ocn", "ipv4": "153.240.72.209", "psid": "22", "rule": "2400:4050::/34",
-                              "prefix": "2400:4050:1234:5600::/56", "source": "slaac"}  # fmt: skip
+        assert dict(info) == {"method": "map-e", "isp": "ocn", "ipv4": "153.240.72.209", "psid": "22",
+                              "rule": "2400:4050::/34", "prefix": "2400:4050:1234:5600::/56",
+                              "source": "slaac"}  # fmt: skip
         assert m[("mape_ports", (("protocol", "tcp"),))] == 1008
         assert m[("mape_ports_in_use", (("protocol", "tcp"),))] == 16
         assert m[("mape_ports_in_use", (("protocol", "udp"),))] == 1
