@@ -256,6 +256,7 @@ class IpipConfig(Model):
     update_url: str | None = Field(default=None, description="called after each change of our tunnel address")
     update_user: str | None = None
     update_password: str | None = Field(default=None, repr=False)
+    update_ca_file: Path | None = Field(default=None, description="a private CA for the update endpoint")
 
     @field_validator("interface_id")
     @classmethod

@@ -31,11 +31,12 @@ from .config import Config, load
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, CannotRunHere, MapeError, RetryableError
 from .events import IPTABLES_NFT_TABLES, OUR_TABLES, Events
 from .hb46pp import Provisioned
+from .ipip_update import Target, Updater
 from .journal import SyncJournal, fields, notify, setup_logging, status_line
 from .metrics import Metrics
 from .portuse import Exhaustion, usage
 from .prefix import source_text
-from .provisioning import Provisioner
+from .provisioning import LIB_DIR, Provisioner
 from .reconciler import Reconciler
 from .record import RecordFile, exclusive
 from .reloads import ConfigSwitch
@@ -59,9 +60,11 @@ class Service:
         state_dir: Path = STATE_DIR,
         kernel_for: Callable[[str], Any] | None = None,
         provisioner: Provisioner | None = None,
+        updater: Updater | None = None,
     ):
         self.path, self.records, self.state_dir = config_path, records, state_dir
         self.provisioner = provisioner or Provisioner()
+        self.updater = updater or Updater(LIB_DIR)
         if config.isp.provisions:
             config = config.with_provisioned(self.provisioner.load_cache(config.isp))  # the last good answer
         self.reconciler = Reconciler(config, make_kernel(config), records, kernel_for=kernel_for)
@@ -139,6 +142,13 @@ class Service:
         found = [w for w in self.last.wan if not w.ours_shape and not w.deprecated] + ([source] if source else [])
         return frozenset(str(IPv6Network(f"{w.address}/{w.prefixlen}", strict=False)) for w in found)
 
+    def _update_target(self, result: SyncResult) -> Target | None:
+        """IPIP with an update endpoint: the tunnel address to tell the provider (not while held)."""
+        p = result.params
+        if p is None or p.method != "ipip" or self.config.ipip.update_url is None or result.selection.held:
+            return None
+        return Target(str(p.ce_ipv6), str(p.ipv4)) if result.ok else None
+
     # --- syncing ----------------------------------------------------------------------------
     def _set_period(self) -> None:
         period = full_check_period(self.config.daemon.sync_interval, self.reconciler.kernel.backend)
@@ -176,6 +186,7 @@ class Service:
             self.events.firewalld_recheck.set()  # a zone binding lost without a signal is made again
         self.last = result
         self.provisioner.address_seen(self._wan_addresses())
+        self.updater.seen(self._update_target(result))
         if result.plan:
             self.last_change_seconds = result.seconds
         lines = self.journal.report(result, self.config, cause, triggers)
@@ -335,6 +346,7 @@ class Service:
             config_loaded_at=self.configs.loaded_at,
             ports_running_out=dict(self.exhaustion.open),
             provisioning=self.provisioner.report.as_dict() if self.config.isp.provisions else None,
+            update=self.updater.report.as_dict() if self.updater.target is not None else None,
         )
 
     # --- signals and the loop ---------------------------------------------------------------
@@ -365,8 +377,8 @@ class Service:
         self._serve_metrics()
         provisioning = self.provisioner.run(lambda: self.configs.pending or self.config, self._wan_addresses,
                                             self._provisioned, self._resolved)  # fmt: skip
-        helpers = (asyncio.create_task(self.watchdog()), asyncio.create_task(self.ports_watch()),
-                   asyncio.create_task(provisioning))  # fmt: skip
+        updates = self.updater.run(lambda: self.config.ipip)
+        helpers = tuple(asyncio.create_task(c) for c in (self.watchdog(), self.ports_watch(), provisioning, updates))
         try:
             await self.runner.run()
         finally:

@@ -8,7 +8,10 @@ that decides the next wait.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
+import logging
 import os
 import signal
 import time
@@ -224,3 +227,61 @@ def test_credentials_reach_the_named_server_and_are_never_in_what_is_said(line):
         assert a.outcome is Outcome.OK and "s3cret" not in repr(a), a
         hops = requests(log)[before:]
         assert len(hops) == 2 and all(("pass=s3cret" in h["path"]) == sent for h in hops), (server, hops)
+
+
+# --- IPIP: the provider's update endpoint (issue 23), on the same line's HTTPS server ----------
+def test_the_ipip_update_endpoint_is_told_each_new_address_once_from_it_with_credentials_never_said(
+    line, tmp_path, caplog
+):
+    from mape_daemon.config import IpipConfig
+    from mape_daemon.ipip_update import BACKOFF, Target, Updater, call
+
+    router, answers, log, ca, _ = line
+    ip_cert, ip_key = pki.server_cert(ca, SERVER)  # the endpoint by address: its certificate names it
+    pid = spawn(router.replace("pr", "pi", 1), hb46pp_server.serve, SERVER, 8443, str(answers), str(log),
+                str(ip_cert), str(ip_key))  # fmt: skip
+    try:
+        sh(router.replace("pr", "pi", 1), "sh", "-c",
+           f"for i in $(seq 100); do ss -Htln | grep -q '{SERVER}]:8443' && exit; sleep 0.1; done")  # fmt: skip
+        cfg = IpipConfig(update_url=f"https://[{SERVER}]:8443/update?addr={{ipv6}}&v4={{ipv4}}&u={{user}}",
+                         update_user="me", update_password="s3cret", update_ca_file=ca)  # fmt: skip
+        clock = {"now": 1000.0}
+
+        def send(req, source):
+            with inside(router):
+                return call(req, source)
+
+        u = Updater(tmp_path, send, clock=lambda: clock["now"])
+        serve(answers, {"/update": {"status": 401, "body": "badauth"}})
+        before = len(requests(log))
+
+        async def turn(target):
+            u.seen(target)
+            task = asyncio.create_task(u.run(lambda: cfg))
+            for _ in range(300):
+                if u.report.state != "waiting" and not u.wake.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            task.cancel()
+
+        with caplog.at_level(logging.INFO, "mape-daemon"):
+            first = Target("2001:db8:1::2", "198.18.0.77")
+            asyncio.run(turn(first))
+            assert u.report.state == "failed" and "answered HTTP 401" in u.report.detail
+            assert u.report.next_at == clock["now"] + BACKOFF[0]  # retried with back-off
+            serve(answers, {"/update": {"body": "ok"}})
+            u.report = type(u.report)()
+            asyncio.run(turn(first))
+            assert u.report.state == "ok" and u.told == first
+            u.report = type(u.report)()
+            asyncio.run(turn(first))  # the same address again: nothing sent
+        sent = requests(log)[before:]
+        assert len(sent) == 2, sent
+        assert sent[-1]["path"] == "/update?addr=2001%3Adb8%3A1%3A%3A2&v4=198.18.0.77&u=me", sent[-1]
+        assert sent[-1]["auth"] == "Basic " + base64.b64encode(b"me:s3cret").decode()
+        assert sent[-1]["from"] == first.ipv6  # from the tunnel address itself
+        assert "s3cret" not in caplog.text and "u=me" not in caplog.text and "/update" in caplog.text
+        assert Updater(tmp_path).told == first  # a restart does not tell it again
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

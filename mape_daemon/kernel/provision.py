@@ -141,27 +141,34 @@ def _read_tcp(sock: socket.socket) -> bytes:
     return data[2:]
 
 
-def get(url: str, verify: bool, resolvers: list[str], cafile: str | None = None,
-        timeout: float = 10.0) -> tuple[int, str | None, bytes]:  # fmt: skip
-    """GET over IPv6 only (section 3.3), the host's AAAA from the line's resolvers; SNI and the
-    host name checked when `verify`. (status, Location, body)."""
+def get(url: str, verify: bool, resolvers: list[str] | None, cafile: str | None = None, timeout: float = 10.0,
+        headers: dict[str, str] | None = None, source: str | None = None) -> tuple[int, str | None, bytes]:  # fmt: skip
+    """GET over IPv6 only (section 3.3), the host's AAAA from the line's resolvers (None: the
+    host's own resolver); SNI and the host name checked when `verify`; from `source` if given.
+    (status, Location, body)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
     try:
         addr = str(IPv6Address(host))
     except ValueError:
-        addr = str(IPv6Address(query(host, AAAA, resolvers)[0]))
-    https = parts.scheme == "https"
-    port = parts.port or (443 if https else 80)
+        if resolvers is None:
+            try:
+                addr = socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_STREAM)[0][4][0]
+            except OSError as e:
+                raise FetchFailed(f"{host}: no IPv6 address ({e.strerror or e})") from None
+        else:
+            addr = str(IPv6Address(query(host, AAAA, resolvers)[0]))
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        sock = socket.create_connection((addr, port), timeout)
+        sock = socket.create_connection((addr, port), timeout, (source, 0) if source else None)
         if https:
             ctx = ssl.create_default_context(cafile=cafile) if verify else ssl._create_unverified_context()
             sock = ctx.wrap_socket(sock, server_hostname=host)
         conn.sock = sock  # already connected (and wrapped): http.client only speaks HTTP on it
-        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else "") or "/",
-                     headers={"Host": parts.netloc, "User-Agent": "mape-daemon"})  # fmt: skip
+        sent = {"Host": parts.netloc.rpartition("@")[2], "User-Agent": "mape-daemon", **(headers or {})}
+        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else "") or "/", headers=sent)
         r = conn.getresponse()
         return r.status, r.getheader("Location"), r.read(BODY_LIMIT)
     except (OSError, http.client.HTTPException) as e:

@@ -1,6 +1,7 @@
-"""An HB46PP provisioning server for the lab: HTTP(S) over IPv6 answering from a JSON file the test
-rewrites ({path: {"status": int, "body": str, "location": str}}; an unknown path is a 404), and
-logging every request's path and query. The TXT record that points at it is dnsmasq's
+"""An HB46PP provisioning server (and an IPIP provider's update endpoint) for the lab: HTTP(S) over
+IPv6 answering from a JSON file the test rewrites ({path: {"status": int, "body": str, "location":
+str}}; an unknown path is a 404), and logging every request's path and query, Host, Authorization
+and source address. The TXT record that points at it is dnsmasq's
 (tests/lab/pki.py makes the lab CA and the server's certificate)."""
 
 from __future__ import annotations
@@ -29,7 +30,17 @@ def serve(address: str, port: int, answers: str, log: str, cert: str | None = No
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             with open(log, "a") as f:
-                f.write(json.dumps({"path": self.path, "host": self.headers.get("Host")}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "path": self.path,
+                            "host": self.headers.get("Host"),
+                            "auth": self.headers.get("Authorization"),
+                            "from": self.client_address[0],
+                        }
+                    )
+                    + "\n"
+                )
             table = json.loads(Path(answers).read_text())
             a = table.get(urlsplit(self.path).path, {"status": 404, "body": "not here"})
             body = a.get("body", "").encode()

@@ -20,17 +20,18 @@ def ca(directory: Path, name: str = "lab-ca") -> Path:
 
 
 def server_cert(ca_pem: Path, host: str) -> tuple[Path, Path]:
-    """(certificate, key) for `host`, signed by the CA beside `ca_pem`."""
+    """(certificate, key) for `host` (a name, or an IP address), signed by the CA beside `ca_pem`."""
     d, key, csr, cert = (
         ca_pem.parent,
-        ca_pem.parent / f"{host}.key",
-        ca_pem.parent / f"{host}.csr",
-        ca_pem.parent / f"{host}.pem",
+        ca_pem.parent / f"{host.replace(':', '_')}.key",
+        ca_pem.parent / f"{host.replace(':', '_')}.csr",
+        ca_pem.parent / f"{host.replace(':', '_')}.pem",
     )
     _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", f"/CN={host}",
              "-keyout", str(key), "-out", str(csr))  # fmt: skip
-    ext = d / f"{host}.ext"
-    ext.write_text(f"subjectAltName=DNS:{host}\nextendedKeyUsage=serverAuth\n")
+    ext = d / f"{host.replace(':', '_')}.ext"
+    san = f"IP:{host}" if ":" in host or host.replace(".", "").isdigit() else f"DNS:{host}"
+    ext.write_text(f"subjectAltName={san}\nextendedKeyUsage=serverAuth\n")
     _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_pem), "-CAkey", str(ca_pem.with_suffix(".key")),
              "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(cert))  # fmt: skip
     return cert, key
