@@ -74,10 +74,12 @@ def checks(f: Facts) -> list[Check]:
                          "the WAN needs a prefix some rule maps: by router advertisements (see above) or "
                          "DHCPv6-PD (wan.prefix_from); a prefix of another ISP needs [isp]"))  # fmt: skip
         return out + _not_tried("CE address", "tunnel", "BR", "traffic") + _daemon(f)
-    rule = p.rule
-    mapped = f"rule {rule.ipv6_prefix} -> {rule.ipv4_prefix} ({rule.isp or 'explicit'})"
-    out.append(Check("prefix", True, f"{p.end_user_prefix} from {source_text(sel)}; {mapped}: {p.ipv4} psid "
-                     f"{p.psid}, {p.ports} ports"))  # fmt: skip
+    if (rule := p.rule) is not None:
+        mapped = (f"rule {rule.ipv6_prefix} -> {rule.ipv4_prefix} ({rule.isp or 'explicit'}): {p.ipv4} psid {p.psid}, "
+                  f"{p.ports} ports")  # fmt: skip
+    else:
+        mapped = p.describe()
+    out.append(Check("prefix", True, f"{p.end_user_prefix} from {source_text(sel)}; {mapped}"))
     ce = str(p.ce_ipv6)
     on_wan = any(w.address == ce for w in obs.wan)
     out.append(Check("CE address", on_wan, f"{ce} {'is' if on_wan else 'is NOT'} on {wan}",
@@ -87,15 +89,17 @@ def checks(f: Facts) -> list[Check]:
     out += _routes(f)
     if not on_wan:
         return out + _not_tried("BR", "traffic") + _rest(f)
-    br = str(p.br)
-    out.append(Check("BR", f.echo_br is not None,
+    br, far = str(p.br), p.far_end
+    out.append(Check(far, f.echo_br is not None,
                      f"{br} answers ICMPv6 echo from {ce} in {f.echo_br * 1000:.0f} ms" if f.echo_br is not None
                      else f"{br} does not answer ICMPv6 echo from {ce}",
                      "" if f.echo_br is not None else "check the WAN's IPv6 default route (RAs) and that this "
-                     "rule's BR is the line's (isp, or isp.rule.br)"))  # fmt: skip
+                     f"{far} is the line's ({FAR_KEY[p.method]})"))  # fmt: skip
     out.append(_traffic(f))
     return out + _rest(f)
 
+
+FAR_KEY = {"map-e": "isp, or isp.rule.br", "ds-lite": "dslite.aftr, or HB46PP's", "ipip": "ipip.remote, or HB46PP's"}
 
 PROVISIONING_FIXES = {
     "dns failed": "isp.resolvers must be the line's own DNS servers (the WAN's DHCPv6 or RA gives them), "

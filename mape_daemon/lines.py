@@ -33,6 +33,7 @@ class DsLite:
     aftr: IPv6Address
 
     method = "ds-lite"
+    far_end = "AFTR"
     snat = False  # the AFTR translates; what enters the tunnel keeps its LAN source
     ipv4 = B4_IPV4
     port_ranges = ()
@@ -64,6 +65,7 @@ class FixedIpv4:
     ipv4: IPv4Address
 
     method = "ipip"
+    far_end = "provider end"
     snat = True
     port_ranges = ALL_PORTS
     psid = psid_len = psid_offset = 0

@@ -96,6 +96,7 @@ class MapParams:
 
     method = "map-e"  # what every line's parameters say (lines.Line): the method,
     snat = True  # whether we NAT the LAN to `ipv4` over `port_ranges`
+    far_end = "BR"  # what the tunnel's remote end is called
 
     @property
     def ports(self) -> int:

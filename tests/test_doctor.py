@@ -18,15 +18,15 @@ CFG = parse('[wan]\ninterface = "wan0"\n[pppoe]\n')
 SLAAC = "2400:4050:1234:5600:5054:ff:fe12:3456"
 
 
-def facts(tmp_path, synced: bool = True, **kw) -> doctor.Facts:
+def facts(tmp_path, synced: bool = True, cfg=CFG, **kw) -> doctor.Facts:
     k = FakeKernel(("wan0", "lan0", "ppp0"))
     k.slaac(SLAAC)
-    r = Reconciler(CFG, k, RecordFile(tmp_path / "state"))
+    r = Reconciler(cfg, k, RecordFile(tmp_path / "state"))
     if synced:
         assert r.sync().ok
     state = DaemonState(pid=1, last_sync=time.time() - 5, ok=True, error=None, changes=0, reason="",
                         tunnel_name="ip6tnl1", wan="wan0")  # fmt: skip
-    base = doctor.Facts(CFG, r.compute(), sysctl={"ip_forward": "1", "forwarding6": "1", "accept_ra": "2"},
+    base = doctor.Facts(cfg, r.compute(), sysctl={"ip_forward": "1", "forwarding6": "1", "accept_ra": "2"},
                         wan_mtu=1500, tunnel_mtu=1460, echo_br=0.012, target="192.0.2.1:443", connect_error="",
                         tunnel_delta=(3, 2), state=state, rp_filter={"all": 0, "ppp0": 2})  # fmt: skip
     return replace(base, **kw)
@@ -119,3 +119,16 @@ def test_hb46pp_is_checked_where_the_line_provisions(tmp_path):
     for outcome, fix in (("dns failed", "isp.resolvers"), ("no reply", "ca_file"), ("bad reply", "provider")):
         check = fails(facts(tmp_path, config=auto, provisioning=(outcome, "it went wrong")))["HB46PP"]
         assert fix in check.fix and check.says == "it went wrong", outcome
+
+
+def test_ds_lite_and_ipip_are_checked_by_their_own_far_end(tmp_path):
+    from tests.test_lines import DSLITE, IPIP
+
+    for text, far, says in ((DSLITE, "AFTR", "DS-Lite via AFTR 2001:db8:aa::1"),
+                            (IPIP, "provider end", "fixed IPv4 198.18.0.77 over IPIP")):  # fmt: skip
+        f = facts(tmp_path / far, cfg=parse(text))
+        results = doctor.checks(f)
+        assert not doctor.failed(results), doctor.to_text(results)
+        assert far in [c.name for c in results] and says in doctor.to_text(results)
+        lost = fails(facts(tmp_path / f"{far}-lost", cfg=parse(text), echo_br=None))
+        assert set(lost) == {far} and ("dslite.aftr" if far == "AFTR" else "ipip.remote") in lost[far].fix
