@@ -34,8 +34,9 @@ def test_a_line_provisioned_by_hb46pp_is_mapped_by_its_rule_and_by_the_cache_whe
         assert (ce.ipv4, ce.psid) == ("192.0.2.18", 0x34)
         chain = lab.br_add_ce(ce)
         # No isp.resolvers: the line's resolver is learned from the RAs' RDNSS.
+        # The answer offers DS-Lite first; the method fixed to MAP-E wins (the spec's user-fixed mode).
         config = (f'[wan]\ninterface = "wan0"\n[lan]\ninterfaces = ["lan0"]\n[isp]\nprovisioning = "hb46pp"\n'
-                  f'ca_file = "{ca}"\n')  # fmt: skip
+                  f'method = "map-e"\nca_file = "{ca}"\n')  # fmt: skip
         d = Daemon(lab, tmp_path, config).start()
         try:
             wait_for(lambda: d.synced_by_me() and d.state().get("ipv4") == ce.ipv4, 120, "the provisioned mapping")
@@ -45,7 +46,11 @@ def test_a_line_provisioned_by_hb46pp_is_mapped_by_its_rule_and_by_the_cache_whe
             assert "HB46PP: MAP-E rules from Lab VNE (1 rule(s), BR 2001:db8:ffff::9)" in d.text()
             checks.data_path(lab, ce, chain)
             (req,) = [json.loads(x) for x in (lab.dir / "hb46pp-requests.jsonl").read_text().splitlines()]
-            assert "capability=map_e" in req["path"] and "vendorid=acde48" in req["path"] and "token" not in req["path"]
+            assert (
+                "capability=map_e%2Cdslite%2Cipip" in req["path"]
+                and "vendorid=acde48" in req["path"]
+                and "token" not in req["path"]
+            )
         finally:
             assert d.stop() == 0, d.text()
 

@@ -40,6 +40,10 @@ STUN_PORT = 3478
 ISP_INET, INET_ISP = "198.51.100.1", "198.51.100.2"
 LAN_GW, LAN_CLIENT, LAN_SERVER, LAN_CONSOLE = "192.168.1.1", "192.168.1.10", "192.168.1.20", "192.168.1.55"
 PPP_LOCAL, PPP_REMOTE = "100.64.0.1", "100.64.0.10"
+# DS-Lite and IPIP (issue 23): the AFTR and its NAT44 pool, the IPIP provider's end and its fixed IPv4.
+AFTR, AFTR_NAME, AFTR_POOL = "2001:db8:af::1", "aftr.lab.example", "198.18.1.1"
+IPIP_END, FIXED_IPV4 = "2001:db8:bf::1", "198.18.0.77"
+UPDATE_PORT = 8443
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 30, what: str = "condition", every: float = 0.2):
@@ -211,7 +215,7 @@ class Lab:
         wait_for(lambda: f"{STUN_ALT}:{STUN_PORT + 1}" in netns.sh(self.inet, "ss", "-uln"), 30, "turnserver")
 
     # --- HB46PP: the line's resolver with the record, and the provisioning server ------------
-    def start_hb46pp(self, answer: dict) -> tuple[str, Path]:
+    def start_hb46pp(self, answer: dict, *records: str) -> tuple[str, Path]:
         """dnsmasq answering 4over6.info (TXT) and the server's name on the ISP's access-link
         address, announced in the RAs (RDNSS), and the provisioning server there over HTTPS with
         a lab CA, answering `answer` at /config (rewrite `self.dir / "hb46pp-answers.json"` to
@@ -224,7 +228,7 @@ class Lab:
         log = open(self.dir / "dnsmasq.log", "ab")  # noqa: SIM115 - the process keeps it
         resolver = hb46pp_server.dnsmasq(
             addr, "--local=/lab.example/", "--local=/4over6.info/", f"--host-record={HB46PP_HOST},{addr}",
-            f"--txt-record=4over6.info,v=v6mig-1 url=https://{HB46PP_HOST}/config t=b")  # fmt: skip
+            f"--txt-record=4over6.info,v=v6mig-1 url=https://{HB46PP_HOST}/config t=b", *records)  # fmt: skip
         self.procs["dnsmasq"] = netns.popen(self.isp, *resolver, stdout=log, stderr=log)
         self.pids.append(netns.spawn(self.isp, hb46pp_server.serve, addr, 443, str(answers),
                                      str(self.dir / "hb46pp-requests.jsonl"), str(cert), str(key)))  # fmt: skip
@@ -234,6 +238,44 @@ class Lab:
         (self.dir / "radvd.conf").write_text(self._radvd_conf())
         self.procs["radvd"].send_signal(signal.SIGHUP)
         return addr, ca
+
+    # --- DS-Lite's AFTR and an IPIP provider's end -------------------------------------------
+    def _far_end(self, tun: str, local: str, remote: str, routed: str) -> None:
+        """An ip6tnl from `local` (on the ISP's loopback) that decapsulates only from `remote`,
+        with `routed` (IPv4) sent into it."""
+        netns.sh(self.isp, "ip", "addr", "add", f"{local}/128", "dev", "lo")
+        netns.sh(self.isp, "ip", "link", "add", tun, "type", "ip6tnl", "mode", "ipip6", "local", local,
+                 "remote", remote, "encaplimit", "none")  # fmt: skip
+        netns.sh(self.isp, "ip", "link", "set", tun, "up")
+        self.sysctl(self.isp, {f"net.ipv4.conf.{tun}.rp_filter": "0"})
+        netns.sh(self.isp, "ip", "route", "add", routed, "dev", tun)
+
+    def follow(self, tun: str, remote: str) -> None:
+        """The far end serves `remote` from now on (the AFTR's next B4; the provider told the new address)."""
+        netns.sh(self.isp, "ip", "link", "set", tun, "type", "ip6tnl", "remote", remote)
+
+    def start_aftr(self, b4: str) -> None:
+        """An AFTR for one B4 (RFC 6333): the softwire from `b4` only, NAT44 of the LAN (and the
+        B4's own 192.0.0.2) onto AFTR_POOL towards the Internet; replies back by the softwire."""
+        self._far_end("aftr1", AFTR, b4, "192.168.1.0/24")
+        netns.sh(self.isp, "ip", "route", "add", "192.0.0.2/32", "dev", "aftr1")
+        for src in ("192.168.1.0/24", "192.0.0.2/32"):
+            netns.sh(self.isp, "iptables-legacy", "-t", "nat", "-A", "POSTROUTING", "-s", src, "-o", "inet0", "-j",
+                     "SNAT", "--to-source", AFTR_POOL)  # fmt: skip
+
+    def start_ipip_end(self, local: str, ca: Path) -> str:
+        """The provider's end of a fixed-IPv4 tunnel towards `local`, FIXED_IPV4 routed into it, and
+        its update endpoint (HTTPS on the ISP's access address, a certificate for that address by
+        the lab CA `ca`, logging to update-requests.jsonl). Returns the endpoint's base URL."""
+        self._far_end("ipip1", IPIP_END, local, f"{FIXED_IPV4}/32")
+        addr = self._isp_addr(self.prefixes[0])
+        cert, key = pki.server_cert(ca, addr)
+        answers = self.dir / "update-answers.json"
+        answers.write_text(json.dumps({"/update": {"status": 200, "body": "ok"}}))
+        self.pids.append(netns.spawn(self.isp, hb46pp_server.serve, addr, UPDATE_PORT, str(answers),
+                                     str(self.dir / "update-requests.jsonl"), str(cert), str(key)))  # fmt: skip
+        wait_for(lambda: f"[{addr}]:{UPDATE_PORT}" in netns.sh(self.isp, "ss", "-Htln"), 30, "the update endpoint")
+        return f"https://[{addr}]:{UPDATE_PORT}"
 
     # --- DHCPv6-PD: Kea delegating to the router ---------------------------------------------
     def _kea_conf(self) -> str:
