@@ -32,7 +32,19 @@ from tests.test_hb46pp import SPEC_EXAMPLE
 HOST = "prov.lab.example"
 SERVER = "2001:db8:1::80"
 # One resolver per behaviour of the line's DNS (dnsmasq, authoritative for its names).
-OK, NXDOMAIN, NODATA, REFUSED, SILENT, WRONG_CA = (f"2001:db8:1::{n}" for n in (11, 12, 13, 14, 16, 17))
+OK, NXDOMAIN, NODATA, REFUSED, SILENT, WRONG_CA, SERVFAIL = (f"2001:db8:1::{n}" for n in (11, 12, 13, 14, 16, 17, 18))
+
+
+def servfail(address: str) -> None:
+    """A resolver whose every answer is SERVFAIL (a line's DNS with its upstream broken)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.bind((address, 53))
+        while True:
+            query, peer = s.recvfrom(512)
+            flags = 0x8000 | 0x0100 | 0x0080 | 2  # a response, RD and RA echoed, rcode 2
+            s.sendto(query[:2] + flags.to_bytes(2, "big") + query[4:6] + b"\0\0\0\0\0\0" + query[12:], peer)
 
 
 def _dnsmasq(ns: str, listen: str, *args: str):
@@ -51,7 +63,7 @@ def line(tmp_path_factory):
             sh(ns, "ip", "link", "set", "lo", "up")
         sh(None, "ip", "link", "add", "r0", "netns", router, "type", "veth", "peer", "i0", "netns", isp)
         sh(router, "ip", "addr", "add", "2001:db8:1::2/64", "dev", "r0", "nodad")
-        for n in (1, 11, 12, 13, 14, 15, 16, 17, 80):
+        for n in (1, 11, 12, 13, 14, 15, 16, 17, 18, 80):
             sh(isp, "ip", "addr", "add", f"2001:db8:1::{n}/64", "dev", "i0", "nodad")
         for ns, dev in ((router, "r0"), (isp, "i0")):
             sh(ns, "ip", "link", "set", dev, "up")
@@ -71,6 +83,7 @@ def line(tmp_path_factory):
             _dnsmasq(isp, "2001:db8:1::15"),
             _dnsmasq(isp, SILENT, record, *names),
         ]
+        pids.append(spawn(isp, servfail, SERVFAIL))
         answers, log = d / "answers.json", d / "requests.jsonl"
         answers.write_text("{}")
         pids.append(spawn(isp, hb46pp_server.serve, SERVER, 443, str(answers), str(log), str(cert), str(key)))
@@ -124,6 +137,7 @@ def test_the_first_resolver_failing_the_next_one_answers(line):
         (NXDOMAIN, Outcome.NO_RECORD, "NXDOMAIN"),
         (NODATA, Outcome.NO_RECORD, "NODATA"),
         (REFUSED, Outcome.DNS_FAILED, "REFUSED"),
+        (SERVFAIL, Outcome.DNS_FAILED, "SERVFAIL"),
         (SILENT, Outcome.DNS_FAILED, "timed out"),
     ],
 )
