@@ -233,6 +233,9 @@ class Reconciler:
                 drop_ipv4=(old.ipv4,) if moved and old.ipv4 else (),
                 ipv4=(new.ipv4 or None) if new else None,
                 ranges=tuple(map(tuple, new.ranges)) if new else (),
+                # From DS-Lite (no NAT of ours) to a method that NATs: a flow the tunnel carried
+                # un-NATed would go on so, and the guard and the far end drop it.
+                unnated_via=self.config.tunnel.name if new and new.ipv4 and not old.ipv4 else None,
                 why=f"the mapping moved from {old.text}" if new else f"{old.text} is no longer ours",
             )
             if (c.drop_ipv4 or c.ipv4) and c not in pending:
