@@ -240,6 +240,11 @@ class Reconciler:
             )
             if (c.drop_ipv4 or c.ipv4) and c not in pending:
                 yield c
+        elif old is None and new is not None and new.ipv4 and rec.unnated:
+            # DS-Lite was torn down (a reload) and our NAT comes up: the flows DS-Lite carried
+            # un-NATed would leave so by the new tunnel, and be dropped.
+            yield ConntrackCleanup(ipv4=new.ipv4, ranges=tuple(map(tuple, new.ranges)),
+                                   unnated_via=self.config.tunnel.name, why="DS-Lite's flows, not NATed")  # fmt: skip
         elif new is not None and new.ipv4 and old is not None and self._repairs_nat(plan):
             c = ConntrackCleanup(
                 ipv4=new.ipv4,
@@ -259,7 +264,12 @@ class Reconciler:
         that neither exist nor are wanted dropped."""
         rec, want, obs = self.record, computed.desired, computed.observed
         if not computed.selection.held:  # a held mapping keeps the address it came from
-            rec.mapping = mapping_of(computed.selection) if want is not NOTHING else None
+            mapping = mapping_of(computed.selection) if want is not NOTHING else None
+            if mapping is None and rec.mapping is not None and not rec.mapping.ipv4:
+                rec.unnated = True  # DS-Lite gone, its flows still tracked: see _conntrack
+            elif mapping is not None and mapping.ipv4:
+                rec.unnated = False  # our NAT is up, and forgot them
+            rec.mapping = mapping
         wanted = {t.name for t in want.tunnels}
         rec.tunnels = [n for n in rec.tunnels if n in wanted or n in obs.tunnels]
         # A CE /128 that went with the WAN (a flap, a network manager) and is no longer wanted.

@@ -56,6 +56,7 @@ class Record:
     mapping: AppliedMapping | None = None
     pending_conntrack: list[dict[str, Any]] = field(default_factory=list)
     nft_canonical: dict[str, str] = field(default_factory=dict)
+    unnated: bool = False  # DS-Lite's flows (not NATed by us) may still be tracked: see reconciler._conntrack
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -73,6 +74,7 @@ class Record:
             mapping=AppliedMapping(**{**mapping, "ranges": [tuple(r) for r in mapping["ranges"]]}) if mapping else None,
             pending_conntrack=list(data.get("pending_conntrack", [])),
             nft_canonical=dict(data.get("nft_canonical", {})),
+            unnated=bool(data.get("unnated", False)),
         )
 
 

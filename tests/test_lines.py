@@ -210,3 +210,17 @@ def test_a_user_fixed_method_wins_over_the_answers_order(tmp_path):
     # The offered interface identifier (::feed), in our own prefix; the offered fixed IPv4 and end.
     assert isinstance(p, FixedIpv4) and p.ce_ipv6 == IPv6Address("2400:4050:1234:5600::feed")
     assert (str(p.ipv4), str(p.remote)) == ("198.18.5.5", "2001:db8:cc::1") and not wire.lookups
+
+
+def test_after_a_reloads_teardown_of_ds_lite_the_nat_method_forgets_its_unnated_flows(tmp_path):
+    """A reload that changes [isp] removes our state first: the DS-Lite mapping is gone when IPIP
+    comes up, and the record remembers that DS-Lite's flows may still be tracked."""
+    k = kernel_with_line()
+    r = Reconciler(parse(DSLITE), k, RecordFile(tmp_path))
+    assert r.sync().ok
+    assert r.sync(teardown=True).ok and r.record.unnated
+    r.config = parse(IPIP)
+    (c,) = [a for a in r.sync().plan.actions if a.kind == "conntrack"]
+    assert c.unnated_via == "ip6tnl1" and c.ipv4 == "198.18.0.77"
+    assert not r.record.unnated and not [a for a in r.sync().plan.actions if a.kind == "conntrack"]
+    assert RecordFile(tmp_path).record.unnated is False  # saved
