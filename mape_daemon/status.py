@@ -58,7 +58,7 @@ def _provisioning(p: dict[str, Any] | None) -> list[str]:
     """HB46PP's line: whose rules are in force, the last access, and the next."""
     if not p or p["state"] == "off":
         return []
-    parts = [p["state"]] + ([f"rules of {p['source']}, fetched {_clock(p['fetched_at'])}"] if p["source"] else [])
+    parts = [p["state"]] + ([f"parameters of {p['source']}, fetched {_clock(p['fetched_at'])}"] if p["source"] else [])
     parts += [p["detail"]] if p["detail"] else []
     parts += [f"next {_clock(p['next_at'])}"] if p["next_at"] else []
     return [f"HB46PP:     {'; '.join(parts)}"]
