@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import maprules
-from .lines import METHODS, NoParameters, Provisioned
+from .lines import METHODS, NoParameters, Provisioned, check_aftr
 from .mapcalc import IidLayout, MappingError, MapRule, range_text
 
 DEFAULT_PATH = Path("/etc/mape-daemon/mape.toml")
@@ -225,20 +225,12 @@ class DsliteConfig(Model):
     @field_validator("aftr")
     @classmethod
     def _aftr(cls, v: str | None) -> str | None:
-        if v is not None and ":" not in v and not HOSTNAME.match(v):
-            raise ValueError(f"{v!r} is neither an IPv6 address nor a host name")
-        if v is not None and ":" in v:
-            IPv6Address(v)
-        return v
+        return None if v is None else check_aftr(v)
 
     @field_validator("interface_id")
     @classmethod
     def _iid(cls, v: IPv6Address) -> IPv6Address:
         return check_iid(v)
-
-
-LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-HOSTNAME = re.compile(rf"^(?=.{{1,253}}$)({LABEL}\.)*{LABEL}\.?$")
 
 
 def check_iid(v: IPv6Address) -> IPv6Address:

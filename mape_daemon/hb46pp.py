@@ -18,7 +18,7 @@ from importlib import metadata
 from ipaddress import IPv4Interface, IPv4Network, IPv6Address, IPv6Network
 from urllib.parse import urlencode, urlsplit
 
-from .lines import Ipip, Provisioned
+from .lines import Ipip, Provisioned, check_aftr
 from .mapcalc import IidLayout, MappingError, MapRule
 from .maprules import RuleTable
 
@@ -206,6 +206,10 @@ def parse_offer(body: bytes) -> Offer:
     aftr = None
     if "dslite" in order:
         aftr = _get(_get(d, "dslite", dict, "", required=True), "aftr", str, "dslite.", required=True)
+        try:
+            check_aftr(aftr)
+        except ValueError as e:
+            raise ProvisioningError(f"the answer's dslite.aftr: {e}") from None
     ipip = _ipip(_get(d, "ipip", list, "", required=True)) if "ipip" in order else ()
     if "ipip" in order and not ipip:
         raise ProvisioningError("the answer offers ipip with no tunnel in it")

@@ -10,6 +10,7 @@ br, end_user_prefix, describe), so the rest of the daemon asks them instead of t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Network
 
@@ -20,6 +21,22 @@ HB46PP_NAMES = {"map-e": "map_e", "ds-lite": "dslite", "ipip": "ipip"}  # the sp
 TITLE = {"map-e": "MAP-E", "ds-lite": "DS-Lite", "ipip": "IPIP"}
 B4_IPV4 = IPv4Address("192.0.0.2")  # RFC 6333 section 5.7: the B4's own IPv4 address, for its own traffic
 ALL_PORTS = ((1, 65535),)
+
+
+LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME = re.compile(rf"^(?=.{{1,253}}$)({LABEL}\.)*{LABEL}\.?$")
+
+
+def check_aftr(text: str) -> str:
+    """An AFTR as the config or an HB46PP answer gives it: an IPv6 address or a host name."""
+    if ":" in text:
+        try:
+            IPv6Address(text)
+        except ValueError as e:
+            raise ValueError(f"{text!r} is not an IPv6 address: {e}") from None
+    elif not HOSTNAME.match(text):
+        raise ValueError(f"{text!r} is neither an IPv6 address nor a host name")
+    return text
 
 
 class NoParameters(MappingError):

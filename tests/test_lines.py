@@ -224,3 +224,11 @@ def test_after_a_reloads_teardown_of_ds_lite_the_nat_method_forgets_its_unnated_
     assert c.unnated_via == "ip6tnl1" and c.ipv4 == "198.18.0.77"
     assert not r.record.unnated and not [a for a in r.sync().plan.actions if a.kind == "conntrack"]
     assert RecordFile(tmp_path).record.unnated is False  # saved
+
+
+def test_an_answers_aftr_that_is_no_address_or_name_is_a_bad_answer():
+    for bad in ("2001:db8::zz", "aftr..example", "-aftr.example"):
+        with pytest.raises(hb46pp.ProvisioningError, match="dslite.aftr"):
+            hb46pp.parse_offer(json.dumps({**ANSWER, "dslite": {"aftr": bad}}).encode())
+    with pytest.raises(ConfigError, match=r"dslite\.aftr: '2001:db8::zz' is not an IPv6 address"):
+        parse(DSLITE.replace("2001:db8:aa::1", "2001:db8::zz"))
