@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib import metadata
-from ipaddress import IPv4Interface, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from urllib.parse import urlencode, urlsplit
 
 from .lines import Ipip, Provisioned, check_aftr
@@ -177,8 +177,9 @@ def _ipip(items: list) -> tuple[Ipip, ...]:
         if not isinstance(d, dict):
             raise ProvisioningError(f"the answer's ipip[{i}] is not an object")
         try:
-            out.append(Ipip(IPv6Address(_get(d, "ipv6_local", str, where, required=True)),
-                            IPv6Address(_get(d, "ipv6_remote", str, where, required=True)),
+            # An address, or (some servers) an address with its prefix length.
+            out.append(Ipip(IPv6Interface(_get(d, "ipv6_local", str, where, required=True)).ip,
+                            IPv6Interface(_get(d, "ipv6_remote", str, where, required=True)).ip,
                             IPv4Interface(_get(d, "ipv4", str, where, required=True))))  # fmt: skip
         except ValueError as e:
             raise ProvisioningError(f"the answer's ipip[{i}]: {e}") from None

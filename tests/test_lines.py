@@ -228,7 +228,13 @@ def test_after_a_reloads_teardown_of_ds_lite_the_nat_method_forgets_its_unnated_
 
 def test_an_answers_aftr_that_is_no_address_or_name_is_a_bad_answer():
     for bad in ("2001:db8::zz", "aftr..example", "-aftr.example"):
-        with pytest.raises(hb46pp.ProvisioningError, match="dslite.aftr"):
+        with pytest.raises(hb46pp.ProvisioningError, match=r"dslite\.aftr"):
             hb46pp.parse_offer(json.dumps({**ANSWER, "dslite": {"aftr": bad}}).encode())
     with pytest.raises(ConfigError, match=r"dslite\.aftr: '2001:db8::zz' is not an IPv6 address"):
         parse(DSLITE.replace("2001:db8:aa::1", "2001:db8::zz"))
+
+
+def test_an_ipip_tunnel_given_with_prefix_lengths_is_read_as_its_addresses():
+    tunnel = {**TUNNEL, "ipv6_local": "2001:db8:1:2345::feed/64", "ipv6_remote": "2001:db8:cc::1/128"}
+    o = hb46pp.parse_offer(json.dumps({**ANSWER, "ipip": [tunnel]}).encode())
+    assert (str(o.ipip[0].local), str(o.ipip[0].remote)) == ("2001:db8:1:2345::feed", "2001:db8:cc::1")
