@@ -115,11 +115,12 @@ def credentials(isp: IspConfig) -> hb46pp.Credentials | None:
 
 
 def learn_resolvers(wan: str) -> list[str]:
-    """The WAN's RDNSS servers (a Router Solicitation, and the RAs that answer), or none."""
+    """The line's DNS servers: the RAs' RDNSS (a Router Solicitation, and the RA that answers),
+    else a stateless DHCPv6 Information-Request's (NTT NGN gives them only so), or none."""
     from .kernel import provision
 
     try:
-        return provision.rdnss(wan)
+        return provision.rdnss(wan) or provision.dhcpv6_dns(wan)
     except OSError as e:
         log.warning("HB46PP: cannot ask %s's router for its DNS servers: %s", wan, e.strerror or e, extra=EVENT)
         return []

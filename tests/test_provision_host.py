@@ -299,3 +299,36 @@ def test_the_ipip_update_endpoint_is_told_each_new_address_once_from_it_with_cre
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def test_without_rdnss_the_lines_dns_comes_by_dhcpv6_as_on_ntt_ngn(tmp_path):
+    """NGN announces no RDNSS: a stateless DHCPv6 Information-Request, answered by a real dnsmasq,
+    gives the resolvers; the RA (radvd, no RDNSS) is asked first and says nothing."""
+    tag = uuid.uuid4().hex[:6]
+    router, isp = f"dr{tag}", f"di{tag}"
+    procs = []
+    try:
+        for ns in (router, isp):
+            sh(None, "ip", "netns", "add", ns)
+            sh(ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.forwarding=1")
+        sh(None, "ip", "link", "add", "wan0", "netns", router, "type", "veth", "peer", "i0", "netns", isp)
+        for ns, dev in ((router, "wan0"), (isp, "i0")):
+            sh(ns, "ip", "link", "set", dev, "up")
+        conf = tmp_path / "radvd.conf"
+        conf.write_text("interface i0 {\n  AdvSendAdvert on;\n  AdvOtherConfigFlag on;\n  MinRtrAdvInterval 60;\n"
+                        "  MaxRtrAdvInterval 90;\n  prefix 2001:db8:1::/64 { };\n};\n")  # fmt: skip
+        procs.append(popen(isp, "radvd", "-n", "-C", str(conf), "-p", str(tmp_path / "radvd.pid"), "-m", "stderr"))
+        procs.append(popen(isp, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--pid-file=", "--port=0",
+                           "--interface=i0", "--user=root", "--leasefile-ro", "--dhcp-range=::,static",
+                           "--dhcp-option=option6:dns-server,[2001:db8:1::53],[2001:db8:2::53]"))  # fmt: skip
+        sh(isp, "sh", "-c", "for i in $(seq 100); do ss -Hlun | grep -q ':547 ' && ss -Hlwp | grep -q radvd && exit; "
+                            "sleep 0.05; done")  # fmt: skip
+        with inside(router):
+            assert provision.rdnss("wan0", timeout=10) == []
+            assert provisioning.learn_resolvers("wan0") == ["2001:db8:1::53", "2001:db8:2::53"]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for ns in (router, isp):
+            sh(None, "ip", "netns", "del", ns, check=False)

@@ -8,6 +8,7 @@ line announces (a host pointed at a public resolver would never see it), and NXD
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import secrets
 import socket
@@ -225,4 +226,56 @@ def _rdnss_options(ra: bytes, interface: str) -> list[str]:
                 ip = IPv6Address(ra[a : a + 16])
                 out.append(f"{ip}%{interface}" if ip.is_link_local else str(ip))
         at += units * 8
+    return out
+
+
+# DHCPv6 (RFC 8415): NTT NGN announces no RDNSS; its DNS servers come by DHCPv6 only.
+INFORMATION_REQUEST, REPLY = 11, 7
+OPT_CLIENTID, OPT_ORO, OPT_ELAPSED, OPT_DNS = 1, 6, 8, 23
+ALL_DHCP = "ff02::1:2"
+CLIENT_PORT, SERVER_PORT = 546, 547
+SIOCGIFHWADDR = 0x8927
+
+
+def dhcpv6_dns(interface: str, timeout: float = 3.0) -> list[str]:
+    """The DNS servers a stateless DHCPv6 Information-Request on `interface` is told (option 23),
+    or none. From port 546 where we can share it with the host's DHCPv6 client (SO_REUSEPORT),
+    else from any port (servers answer the port asked from). Raises OSError (no such interface,
+    no link-local address yet)."""
+    index = socket.if_nametoindex(interface)
+    xid = secrets.token_bytes(3)
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        # The MAC by ioctl, not sysfs: sysfs shows the namespace it was mounted in.
+        mac = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, struct.pack("256s", interface.encode()))[18:24]
+        duid = struct.pack("!HH", 3, 1) + mac  # DUID-LL (the FLET'S interface spec asks for it)
+        options = (struct.pack("!HH", OPT_CLIENTID, len(duid)) + duid + struct.pack("!HHH", OPT_ORO, 2, OPT_DNS)
+                   + struct.pack("!HHH", OPT_ELAPSED, 2, 0))  # fmt: skip
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            s.bind(("::", CLIENT_PORT, 0, index))
+        except OSError:
+            s.bind(("::", 0, 0, index))  # the host's client holds 546 alone
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+        s.sendto(bytes([INFORMATION_REQUEST]) + xid + options, (ALL_DHCP, SERVER_PORT, 0, index))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            s.settimeout(left)
+            try:
+                data = s.recv(4096)
+            except TimeoutError:
+                break
+            if data[:1] == bytes([REPLY]) and data[1:4] == xid:
+                return _dns_option(data[4:])
+    return []
+
+
+def _dns_option(options: bytes) -> list[str]:
+    out, at = [], 0
+    while at + 4 <= len(options):
+        code, length = struct.unpack_from("!HH", options, at)
+        if code == OPT_DNS:
+            out += [str(IPv6Address(options[a : a + 16])) for a in range(at + 4, at + 4 + length - 15, 16)]
+        at += 4 + length
     return out
