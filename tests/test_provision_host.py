@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -194,13 +195,14 @@ def test_doctor_asks_as_the_daemon_would_and_maps_with_the_answer(line, tmp_path
         assert said is not None and said[0] == "no record" and cfg.isp.provisioned is None
 
 
-@pytest.mark.parametrize("announced", [[OK], []])
-def test_the_routers_rdnss_is_learned_by_a_solicitation(tmp_path, announced):
-    """A Router Solicitation on the WAN, answered by a real radvd whose RAs (otherwise a minute
-    apart) carry RDNSS, or none: the first RA decides at once."""
+@contextlib.contextmanager
+def access_link(tmp_path, radvd_extra: str = "", *isp_daemons: list[str]):
+    """A router's wan0 and the ISP's i0 on one wire, radvd announcing 2001:db8:1::/64 (RAs a minute
+    apart, `radvd_extra` in its interface block) and `isp_daemons` run in the ISP; yields the
+    router's namespace once radvd listens."""
     tag = uuid.uuid4().hex[:6]
     router, isp = f"rr{tag}", f"ri{tag}"
-    radvd = None
+    procs = []
     try:
         for ns in (router, isp):
             sh(None, "ip", "netns", "add", ns)
@@ -208,22 +210,32 @@ def test_the_routers_rdnss_is_learned_by_a_solicitation(tmp_path, announced):
         sh(None, "ip", "link", "add", "wan0", "netns", router, "type", "veth", "peer", "i0", "netns", isp)
         for ns, dev in ((router, "wan0"), (isp, "i0")):
             sh(ns, "ip", "link", "set", dev, "up")
-        rdnss = "".join(f"  RDNSS {a} {{ }};\n" for a in announced)
         conf = tmp_path / "radvd.conf"
         conf.write_text(f"interface i0 {{\n  AdvSendAdvert on;\n  MinRtrAdvInterval 60;\n  MaxRtrAdvInterval 90;\n"
-                        f"  prefix 2001:db8:1::/64 {{ }};\n{rdnss}}};\n")  # fmt: skip
-        radvd = popen(isp, "radvd", "-n", "-C", str(conf), "-p", str(tmp_path / "radvd.pid"), "-m", "stderr")
-        sh(isp, "sh", "-c", "for i in $(seq 100); do ss -Hlwp | grep -q radvd && exit; sleep 0.05; done")
-        with inside(router):
-            started = time.monotonic()
-            assert provision.rdnss("wan0", timeout=10) == announced
-            assert time.monotonic() - started < 5  # answered, not timed out
+                        f"  prefix 2001:db8:1::/64 {{ }};\n{radvd_extra}}};\n")  # fmt: skip
+        procs.append(popen(isp, "radvd", "-n", "-C", str(conf), "-p", str(tmp_path / "radvd.pid"), "-m", "stderr"))
+        procs += [popen(isp, *argv) for argv in isp_daemons]
+        # Listening, and past its set-up (it writes the pid file last): an RS before it goes unanswered.
+        pid = tmp_path / "radvd.pid"
+        ready = f"ss -Hlwp | grep -q radvd && [ -s {pid} ]"
+        sh(isp, "sh", "-c", f"for i in $(seq 100); do {ready} && exit; sleep 0.05; done")
+        yield router, isp
     finally:
-        if radvd is not None:
-            radvd.kill()
-            radvd.wait()
+        for p in procs:
+            p.kill()
+            p.wait()
         for ns in (router, isp):
             sh(None, "ip", "netns", "del", ns, check=False)
+
+
+@pytest.mark.parametrize("announced", [[OK], []])
+def test_the_routers_rdnss_is_learned_by_a_solicitation(tmp_path, announced):
+    """A Router Solicitation on the WAN, answered by a real radvd whose RAs (otherwise a minute
+    apart) carry RDNSS, or none: the first RA decides at once."""
+    with access_link(tmp_path, "".join(f"  RDNSS {a} {{ }};\n" for a in announced)) as (router, _), inside(router):
+        started = time.monotonic()
+        assert provision.rdnss("wan0", timeout=10) == announced
+        assert time.monotonic() - started < 5  # answered, not timed out
 
 
 def test_credentials_reach_the_named_server_and_are_never_in_what_is_said(line):
@@ -304,31 +316,11 @@ def test_the_ipip_update_endpoint_is_told_each_new_address_once_from_it_with_cre
 def test_without_rdnss_the_lines_dns_comes_by_dhcpv6_as_on_ntt_ngn(tmp_path):
     """NGN announces no RDNSS: a stateless DHCPv6 Information-Request, answered by a real dnsmasq,
     gives the resolvers; the RA (radvd, no RDNSS) is asked first and says nothing."""
-    tag = uuid.uuid4().hex[:6]
-    router, isp = f"dr{tag}", f"di{tag}"
-    procs = []
-    try:
-        for ns in (router, isp):
-            sh(None, "ip", "netns", "add", ns)
-            sh(ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.forwarding=1")
-        sh(None, "ip", "link", "add", "wan0", "netns", router, "type", "veth", "peer", "i0", "netns", isp)
-        for ns, dev in ((router, "wan0"), (isp, "i0")):
-            sh(ns, "ip", "link", "set", dev, "up")
-        conf = tmp_path / "radvd.conf"
-        conf.write_text("interface i0 {\n  AdvSendAdvert on;\n  AdvOtherConfigFlag on;\n  MinRtrAdvInterval 60;\n"
-                        "  MaxRtrAdvInterval 90;\n  prefix 2001:db8:1::/64 { };\n};\n")  # fmt: skip
-        procs.append(popen(isp, "radvd", "-n", "-C", str(conf), "-p", str(tmp_path / "radvd.pid"), "-m", "stderr"))
-        procs.append(popen(isp, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--pid-file=", "--port=0",
-                           "--interface=i0", "--user=root", "--leasefile-ro", "--dhcp-range=::,static",
-                           "--dhcp-option=option6:dns-server,[2001:db8:1::53],[2001:db8:2::53]"))  # fmt: skip
-        sh(isp, "sh", "-c", "for i in $(seq 100); do ss -Hlun | grep -q ':547 ' && ss -Hlwp | grep -q radvd && exit; "
-                            "sleep 0.05; done")  # fmt: skip
+    dnsmasq = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--pid-file=", "--port=0", "--interface=i0",
+               "--user=root", "--leasefile-ro", "--dhcp-range=::,static",
+               "--dhcp-option=option6:dns-server,[2001:db8:1::53],[2001:db8:2::53]"]  # fmt: skip
+    with access_link(tmp_path, "  AdvOtherConfigFlag on;\n", dnsmasq) as (router, isp):
+        sh(isp, "sh", "-c", "for i in $(seq 100); do ss -Hlun | grep -q ':547 ' && exit; sleep 0.05; done")
         with inside(router):
             assert provision.rdnss("wan0", timeout=10) == []
             assert provisioning.learn_resolvers("wan0") == ["2001:db8:1::53", "2001:db8:2::53"]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-        for ns in (router, isp):
-            sh(None, "ip", "netns", "del", ns, check=False)
