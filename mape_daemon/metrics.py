@@ -57,6 +57,7 @@ class Metrics(Collector):
         self.registry.register(self)
         self.listener: Listener | None = None
         self.provisioning: Callable[[], dict[str, Any] | None] = lambda: None  # HB46PP's report, read live
+        self.update: Callable[[], dict[str, Any] | None] = lambda: None  # IPIP's update endpoint, read live
 
     # --- what the loop tells it -------------------------------------------------------------
     def synced(self, result: SyncResult, cause: str, repaired: list[tuple[str, str]], moved: bool) -> None:
@@ -114,6 +115,12 @@ class Metrics(Collector):
             if prov["fetched_at"] is not None:
                 fetched.add_metric([], prov["fetched_at"])
             yield fetched
+        if (update := self.update()) is not None:
+            family = GaugeMetricFamily("mape_ipip_update_state", "IPIP: how the last call of the provider's update "
+                                       "endpoint ended (waiting: none yet)", labels=["state"])  # fmt: skip
+            for state in ("ok", "failed", "waiting"):
+                family.add_metric([state], int(update["state"] == state))
+            yield family
         if s.upnp is not None:
             family = GaugeMetricFamily("mape_miniupnpd", "miniupnpd's state as we keep it: offering the set, "
                                        "refusing (no mapping), failing", labels=["state"])  # fmt: skip

@@ -85,6 +85,7 @@ class Service:
         self.syncs = 0
         self.metrics = Metrics()
         self.metrics.provisioning = lambda: self.provisioner.report.as_dict() if self.config.isp.provisions else None
+        self.metrics.update = lambda: self.updater.report.as_dict() if self.updater.target is not None else None
         self.metrics_problem: str | None = None  # why /metrics is not served, as said once
         self.exhaustion = Exhaustion()
         stop_at = os.environ.get("MAPE_DEBUG_STOP_BEFORE")  # test knob: freeze before an action kind

@@ -238,3 +238,51 @@ def test_an_ipip_tunnel_given_with_prefix_lengths_is_read_as_its_addresses():
     tunnel = {**TUNNEL, "ipv6_local": "2001:db8:1:2345::feed/64", "ipv6_remote": "2001:db8:cc::1/128"}
     o = hb46pp.parse_offer(json.dumps({**ANSWER, "ipip": [tunnel]}).encode())
     assert (str(o.ipip[0].local), str(o.ipip[0].remote)) == ("2001:db8:1:2345::feed", "2001:db8:cc::1")
+
+
+def test_ipip_status_and_metrics_follow_the_update_endpoint(tmp_path):
+    """After a sync the new address is told (a fake endpoint that first refuses); status and
+    /metrics (a real scrape, checked by promtool) say how the last call ended, never the secret."""
+    import subprocess
+
+    from mape_daemon.ipip_update import Updater
+    from tests.test_metrics import free_port, scrape
+
+    answers = ["answered HTTP 401", None]
+    sent = []
+
+    def send(req, source):
+        sent.append((req.url, source))
+        return answers.pop(0)
+
+    text = IPIP + ('update_url = "https://u.example/up?a={ipv6}&p={password}"\nupdate_user = "u"\n'
+                   f'update_password = "pw-9"\n[metrics]\nlisten = "127.0.0.1:{free_port()}"\n')  # fmt: skip
+    k = kernel_with_line()
+    (tmp_path / "mape.toml").write_text(text)
+    svc = Service(str(tmp_path / "mape.toml"), parse(text), RecordFile(tmp_path / "run"), lambda cfg: k,
+                  tmp_path / "run", updater=Updater(tmp_path / "lib", send))  # fmt: skip
+    assert asyncio.run(svc.sync_once("start"))
+    svc._serve_metrics()
+    try:
+
+        async def turns():
+            task = asyncio.create_task(svc.updater.run(lambda: svc.config.ipip))
+            for _ in range(300):
+                if svc.updater.report.state == "ok":
+                    break
+                svc.updater.wake.set()  # the back-off's wait, cut short
+                await asyncio.sleep(0.01)
+            task.cancel()
+
+        assert scrape(svc)[1][("mape_ipip_update_state", (("state", "waiting"),))] == 1
+        asyncio.run(turns())
+        assert sent == [("https://u.example/up?a=2400%3A4050%3A1234%3A5600%3A%3Afeed&p=pw-9",
+                         "2400:4050:1234:5600::feed")] * 2  # fmt: skip
+        state = svc._status(svc.last)
+        assert state.update["state"] == "ok" and "pw-9" not in json.dumps(state.update)
+        out, m = scrape(svc)
+        assert m[("mape_ipip_update_state", (("state", "ok"),))] == 1
+        r = subprocess.run(["promtool", "check", "metrics"], input=out, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        svc.metrics.stop()
