@@ -152,9 +152,12 @@ def ports_of(args: argparse.Namespace) -> tuple[str, str, int, tuple[tuple[int, 
         path = state_dir() / NAME
         raise UsageError(f"no PREFIX given and no daemon state at {path}: give a prefix, or start the daemon")
     ranges = running_set(state)
+    if state.method == "ds-lite":
+        raise UsageError("the running line is DS-Lite: its AFTR owns the ports, none are ours to forward")
     if ranges is None or state.ipv4 is None or state.psid is None:
         raise UsageError(f"no PREFIX given and the daemon has no mapping now: {state.reason or 'unknown'}")
-    return maprules.ISP_NAMES.get(state.isp or "", "explicit rule"), state.ipv4, state.psid, ranges
+    who = "fixed IPv4 (IPIP)" if state.method == "ipip" else maprules.ISP_NAMES.get(state.isp or "", "explicit rule")
+    return who, state.ipv4, state.psid, ranges
 
 
 def cmd_ports(args: argparse.Namespace) -> int:

@@ -59,6 +59,12 @@ def test_without_a_prefix_the_running_daemons_mapping(capsys, tmp_path, monkeypa
     running_state(reason="no global IPv6 address on wan0").write(tmp_path)
     code, _, err = run(capsys, "ports")
     assert code == cli.EXIT_USAGE and "no mapping now: no global IPv6 address on wan0" in err
+    running_state(method="ds-lite", ipv4="192.0.0.2", port_ranges=[]).write(tmp_path)
+    code, _, err = run(capsys, "ports")
+    assert code == cli.EXIT_USAGE and "DS-Lite: its AFTR owns the ports" in err
+    running_state(method="ipip", ipv4="198.18.0.77", psid=0, port_ranges=[(1, 65535)]).write(tmp_path)
+    code, out, _ = run(capsys, "ports", "--near", "80")
+    assert code == 0 and out.startswith("fixed IPv4 (IPIP) 198.18.0.77") and "port 80: in the set" in out
 
 
 @pytest.mark.parametrize(("argv", "says"), [
