@@ -22,6 +22,8 @@ def why_not(f: ForwardConfig, ranges: Sequence[tuple[int, int]]) -> str | None:
     lo, hi = f.external
     if in_set(ranges, lo, hi):
         return None
+    if not ranges:
+        return "this line has no ports of ours (DS-Lite: the AFTR owns them)"
     outside = next(p for p in range(lo, hi + 1) if not in_set(ranges, p, p))
     return f"{f.protocol} {outside} is outside this line's port set; {nearest(ranges, outside).usable()}"
 

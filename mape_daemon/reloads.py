@@ -17,7 +17,7 @@ from typing import Any
 
 from . import forwards
 from .config import Config, ConfigError, load
-from .mapcalc import MapParams
+from .lines import Line
 from .reconciler import Reconciler
 from .record import RecordFile
 
@@ -39,7 +39,7 @@ class ConfigSwitch:
         self.adapt: Callable[[Config], Config] = lambda cfg: cfg  # what the daemon adds: HB46PP's rules
         self.loaded_at = time.time()
 
-    def load(self, mapped: MapParams | None) -> bool:
+    def load(self, mapped: Line | None) -> bool:
         """Read the file again; True when a good config now waits for the next sync. `mapped`: the
         running mapping, whose port set a reload's forwards must fit."""
         try:
@@ -57,15 +57,15 @@ class ConfigSwitch:
         self.pending = new
         return True
 
-    def _check_forwards(self, new: Config, p: MapParams | None) -> None:
+    def _check_forwards(self, new: Config, p: Line | None) -> None:
         """A reload's forward outside the port set in use is a config error naming the nearest
         usable ports (at start, or after a renumbering, it is disabled and reported instead). A
         reload that changes the WAN or the ISP changes the set too: its forwards are judged after."""
         old = self.reconciler.config
         same_set = old is not None and (new.wan.interface, new.isp) == (old.wan.interface, old.isp)
-        if p is None or not same_set:
+        if p is None or not same_set or not p.snat:  # DS-Lite: no ports of ours, forwards are said disabled
             return
-        if problem := forwards.check(new, p.port_ranges, f"the set of {p.ipv4} psid {p.psid}"):
+        if problem := forwards.check(new, p.port_ranges, f"the set of {p.short()}"):
             raise ConfigError(f"{self.path}: {problem}")
 
     def switch(self, new: Config) -> str | None:

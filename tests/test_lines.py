@@ -286,3 +286,18 @@ def test_ipip_status_and_metrics_follow_the_update_endpoint(tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
         svc.metrics.stop()
+
+
+def test_on_ds_lite_a_reload_with_a_forward_is_taken_and_the_forward_said_disabled(tmp_path):
+    forward = '[[forward]]\nprotocol = "tcp"\nport = 8080\nto = "192.168.1.20"\n'
+    k = kernel_with_line()
+    (tmp_path / "mape.toml").write_text(DSLITE)
+    svc = Service(str(tmp_path / "mape.toml"), parse(DSLITE), RecordFile(tmp_path / "run"), lambda cfg: k,
+                  tmp_path / "run", provisioner=Provisioner(tmp_path / "lib"))  # fmt: skip
+    assert asyncio.run(svc.sync_once("start"))
+    (tmp_path / "mape.toml").write_text(DSLITE + forward)
+    svc.reload()
+    assert svc.pending is not None  # taken, not refused as outside a port set
+    assert asyncio.run(svc.sync_once("reload"))
+    (said,) = svc._status(svc.last).forwards["unavailable"]
+    assert "no ports of ours (DS-Lite: the AFTR owns them)" in said and "dnat to" not in (k.nft or "")
