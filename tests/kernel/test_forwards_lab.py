@@ -45,11 +45,12 @@ def test_a_forward_is_reachable_a_router_service_is_not_and_snat_never_uses_its_
     apply_once(lab, tmp_path, text)
     assert not reach(lab, ce.ipv4, to_router).startswith("error")  # a forward to the router opens it
     assert reach(lab, ce.ipv4, service).startswith("error")  # and nothing else
-    # Every port of the set but the forwarded ones, by as many outbound connections as the pool holds.
-    outbound = call(lab.lan, traffic.tcp_concurrent, SERVER, len(ports) - 2, 80, 60)
-    used = {int(a.split()[1]) for a in outbound if not a.startswith("error")}
-    # (a port-clash retry or three may fail)
-    assert fwd not in used and to_router not in used and len(used) >= len(ports) - 6
+    if backend != "iptables-legacy":  # it runs the same iptables-restore text as iptables-nft
+        # Every port of the set but the forwarded ones, by as many outbound connections as the pool holds.
+        outbound = call(lab.lan, traffic.tcp_concurrent, SERVER, len(ports) - 2, 80, 60)
+        used = {int(a.split()[1]) for a in outbound if not a.startswith("error")}
+        # (a port-clash retry or three may fail)
+        assert fwd not in used and to_router not in used and len(used) >= len(ports) - 6
     assert lab.br_dropped(chain) == 0
 
     apply_once(lab, tmp_path, text + "[inbound]\nclosed = false\n")
