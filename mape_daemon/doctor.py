@@ -129,7 +129,10 @@ def provision(config: Config) -> tuple[Config, tuple[str, str] | None]:
         return config, None
     resolvers = list(isp.resolvers) or learn_resolvers(config.wan.interface)
     if not resolvers:
-        return config, ("no resolver", "no isp.resolvers, and the WAN's router advertisements name no DNS server")
+        return config, (
+            "no resolver",
+            "no isp.resolvers, and neither the WAN's RAs (RDNSS) nor DHCPv6 name a DNS server",
+        )
     a = access(resolvers, CAPABILITY, None, str(isp.ca_file) if isp.ca_file else None, credentials(isp))
     table = Provisioner().load_cache(isp)
     if a.offer is not None and (offered := chosen(a.offer, isp)) is not None:

@@ -251,9 +251,9 @@ class Provisioner:
                 self._drop(apply)
             elif not (resolvers := await self._resolvers(cfg)):
                 waits.append(hb46pp.next_wait(Outcome.NO_RECORD))  # as a line without the record: hours
-                self.report = Report("no resolver", "no isp.resolvers, and the WAN's router advertisements name no "
-                                     "DNS server (RDNSS)", self.report.source, self.report.fetched_at,
-                                     self.clock() + waits[-1])  # fmt: skip
+                self.report = Report("no resolver", "no isp.resolvers, and neither the WAN's router advertisements "
+                                     "(RDNSS) nor DHCPv6 name a DNS server", self.report.source,
+                                     self.report.fetched_at, self.clock() + waits[-1])  # fmt: skip
             else:
                 self.asked_for = addresses()
                 ca = str(isp.ca_file) if isp.ca_file else None

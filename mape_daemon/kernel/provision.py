@@ -239,9 +239,8 @@ SIOCGIFHWADDR = 0x8927
 
 def dhcpv6_dns(interface: str, timeout: float = 3.0) -> list[str]:
     """The DNS servers a stateless DHCPv6 Information-Request on `interface` is told (option 23),
-    or none. From port 546 where we can share it with the host's DHCPv6 client (SO_REUSEPORT),
-    else from any port (servers answer the port asked from). Raises OSError (no such interface,
-    no link-local address yet)."""
+    or none (also when the host's DHCPv6 client holds port 546). Raises OSError (no such
+    interface, no link-local address yet)."""
     index = socket.if_nametoindex(interface)
     xid = secrets.token_bytes(3)
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
@@ -251,12 +250,12 @@ def dhcpv6_dns(interface: str, timeout: float = 3.0) -> list[str]:
         options = (struct.pack("!HH", OPT_CLIENTID, len(duid)) + duid + struct.pack("!HHH", OPT_ORO, 2, OPT_DNS)
                    + struct.pack("!HHH", OPT_ELAPSED, 2, 0))  # fmt: skip
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        # Servers answer to 546. Never shared (no SO_REUSEPORT): the host's DHCPv6 client, if it
+        # runs, holds it and keeps every reply; we then learn nothing here (isp.resolvers).
         try:
             s.bind(("::", CLIENT_PORT, 0, index))
         except OSError:
-            s.bind(("::", 0, 0, index))  # the host's client holds 546 alone
+            return []
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
         s.sendto(bytes([INFORMATION_REQUEST]) + xid + options, (ALL_DHCP, SERVER_PORT, 0, index))
         deadline = time.monotonic() + timeout
