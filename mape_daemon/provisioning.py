@@ -116,11 +116,13 @@ def credentials(isp: IspConfig) -> hb46pp.Credentials | None:
 
 def learn_resolvers(wan: str) -> list[str]:
     """The line's DNS servers: the RAs' RDNSS (a Router Solicitation, and the RA that answers),
-    else a stateless DHCPv6 Information-Request's (NTT NGN gives them only so), or none."""
+    else, when that RA says more comes by DHCPv6 (its M or O flag), a stateless DHCPv6
+    Information-Request's (NTT NGN gives them only so), or none."""
     from .kernel import provision
 
     try:
-        return provision.rdnss(wan) or provision.dhcpv6_dns(wan)
+        servers, by_dhcpv6 = provision.router_dns(wan)
+        return servers or (provision.dhcpv6_dns(wan) if by_dhcpv6 else [])
     except OSError as e:
         log.warning("HB46PP: cannot ask %s's router for its DNS servers: %s", wan, e.strerror or e, extra=EVENT)
         return []

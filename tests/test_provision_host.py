@@ -313,14 +313,18 @@ def test_the_ipip_update_endpoint_is_told_each_new_address_once_from_it_with_cre
         os.waitpid(pid, 0)
 
 
-def test_without_rdnss_the_lines_dns_comes_by_dhcpv6_as_on_ntt_ngn(tmp_path):
+@pytest.mark.parametrize("other_config", [True, False])
+def test_without_rdnss_the_lines_dns_comes_by_dhcpv6_as_on_ntt_ngn(tmp_path, other_config):
     """NGN announces no RDNSS: a stateless DHCPv6 Information-Request, answered by a real dnsmasq,
-    gives the resolvers; the RA (radvd, no RDNSS) is asked first and says nothing."""
+    gives the resolvers; the RA (radvd, no RDNSS) is asked first and says nothing. Only an RA
+    whose O flag says so sends us to DHCPv6 (a line without DHCPv6 costs no wait)."""
     dnsmasq = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--pid-file=", "--port=0", "--interface=i0",
                "--user=root", "--leasefile-ro", "--dhcp-range=::,static",
                "--dhcp-option=option6:dns-server,[2001:db8:1::53],[2001:db8:2::53]"]  # fmt: skip
-    with access_link(tmp_path, "  AdvOtherConfigFlag on;\n", dnsmasq) as (router, isp):
+    flag = f"  AdvOtherConfigFlag {'on' if other_config else 'off'};\n"
+    with access_link(tmp_path, flag, dnsmasq) as (router, isp):
         sh(isp, "sh", "-c", "for i in $(seq 100); do ss -Hlun | grep -q ':547 ' && exit; sleep 0.05; done")
         with inside(router):
-            assert provision.rdnss("wan0", timeout=10) == []
-            assert provisioning.learn_resolvers("wan0") == ["2001:db8:1::53", "2001:db8:2::53"]
+            assert provision.router_dns("wan0", timeout=10) == ([], other_config)
+            want = ["2001:db8:1::53", "2001:db8:2::53"] if other_config else []
+            assert provisioning.learn_resolvers("wan0") == want

@@ -183,13 +183,19 @@ ICMP6_FILTER = 1  # the ICMPv6 socket option (netinet/icmp6.h)
 
 
 def rdnss(interface: str, timeout: float = 5.0) -> list[str]:
+    """The recursive DNS servers the line's router announces (see router_dns)."""
+    return router_dns(interface, timeout)[0]
+
+
+def router_dns(interface: str, timeout: float = 5.0) -> tuple[list[str], bool]:
     """The recursive DNS servers the line's router announces (RFC 8106 RDNSS in a router
     advertisement): a Router Solicitation on `interface`, then the first RA that comes within
     `timeout`. Only an RA with hop limit 255 counts (sent on the link, not routed in from afar).
-    Link-local servers come with their zone (fe80::1%wan0). Raises OSError (no such interface,
-    no CAP_NET_RAW)."""
+    Link-local servers come with their zone (fe80::1%wan0). Also whether that RA's M or O flag
+    says DHCPv6 has more. Raises OSError (no such interface, no CAP_NET_RAW)."""
     index = socket.if_nametoindex(interface)
     found: dict[str, None] = {}
+    other = False  # the RA's M or O flag: more configuration (DNS) by DHCPv6
     with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         blocked = [0xFFFFFFFF] * 8
@@ -210,8 +216,9 @@ def rdnss(interface: str, timeout: float = 5.0) -> list[str]:
                          if lvl == socket.IPPROTO_IPV6 and kind == socket.IPV6_HOPLIMIT), None)  # fmt: skip
             if hops == 255 and data[:1] == bytes([ND_ROUTER_ADVERT]):
                 found.update(dict.fromkeys(_rdnss_options(data, interface)))
+                other = len(data) > 5 and bool(data[5] & 0xC0)
                 break  # the line's router has answered (a second router on a WAN is not waited for)
-    return list(found)
+    return list(found), other
 
 
 def _rdnss_options(ra: bytes, interface: str) -> list[str]:
