@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import maprules
-from .lines import METHODS, NoParameters, Provisioned, check_aftr
+from .lines import NoParameters, Provisioned, check_aftr
 from .mapcalc import IidLayout, MappingError, MapRule, range_text
 
 DEFAULT_PATH = Path("/etc/mape-daemon/mape.toml")
@@ -575,7 +575,7 @@ class Config(Model):
         if self.isp.method != "auto":
             return self.isp.method
         p = self.isp.provisioned
-        return p.method if self.isp.provisions and p is not None and p.method in METHODS else "map-e"
+        return p.method if self.isp.provisions and p is not None else "map-e"
 
     def aftr_name(self) -> str | None:
         """The AFTR as the file or HB46PP gives it (a name or an address), with DS-Lite in force."""
@@ -595,12 +595,13 @@ class Config(Model):
         raise NoParameters(f"the AFTR {name} has no address yet (asked on the line's resolvers)")
 
     def ipip_tunnel(self) -> tuple[IPv6Address, IPv4Address, IPv6Address]:
-        """(provider end, fixed IPv4, our interface identifier): the file's, else HB46PP's."""
+        """(provider end, fixed IPv4, our interface identifier): the file's, else HB46PP's (its
+        ipv6_local, whose low 64 bits lines.with_interface_id takes)."""
         c, offered = self.ipip, self.isp.offered("ipip")
         o = offered.ipip if offered else None
         remote = c.remote or (o.remote if o else None)
         ipv4 = c.ipv4 or (o.ipv4.ip if o else None)
-        iid = c.interface_id or (IPv6Address(int(o.local) & (1 << 64) - 1) if o else None)
+        iid = c.interface_id or (o.local if o else None)
         if remote is None or ipv4 is None or iid is None:
             missing = [k for k, v in (("remote", remote), ("ipv4", ipv4), ("interface_id", iid)) if v is None]
             raise NoParameters(f"IPIP has no {', '.join(missing)}: set [ipip] {missing[0]}, or use a line whose "

@@ -16,7 +16,6 @@ from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Network
 
 from .mapcalc import MapParams, MappingError, MapRule, compute
 
-METHODS = ("map-e", "ds-lite", "ipip")
 HB46PP_NAMES = {"map-e": "map_e", "ds-lite": "dslite", "ipip": "ipip"}  # the spec's names for them
 TITLE = {"map-e": "MAP-E", "ds-lite": "DS-Lite", "ipip": "IPIP"}
 B4_IPV4 = IPv4Address("192.0.0.2")  # RFC 6333 section 5.7: the B4's own IPv4 address, for its own traffic
