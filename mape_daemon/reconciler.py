@@ -235,14 +235,13 @@ class Reconciler:
                 ranges=tuple(map(tuple, new.ranges)) if new else (),
                 # From DS-Lite (no NAT of ours) to a method that NATs: a flow the tunnel carried
                 # un-NATed would go on so, and the guard and the far end drop it.
-                unnated_via=self.config.tunnel.name if new and new.ipv4 and not old.ipv4 else None,
+                unnated_via=self.config.tunnel.name if new and new.ipv4 and rec.unnated else None,
                 why=f"the mapping moved from {old.text}" if new else f"{old.text} is no longer ours",
             )
             if (c.drop_ipv4 or c.ipv4) and c not in pending:
                 yield c
         elif old is None and new is not None and new.ipv4 and rec.unnated:
-            # DS-Lite was torn down (a reload) and our NAT comes up: the flows DS-Lite carried
-            # un-NATed would leave so by the new tunnel, and be dropped.
+            # The same after DS-Lite was torn down (a reload), with no mapping left to move from.
             yield ConntrackCleanup(ipv4=new.ipv4, ranges=tuple(map(tuple, new.ranges)),
                                    unnated_via=self.config.tunnel.name, why="DS-Lite's flows, not NATed")  # fmt: skip
         elif new is not None and new.ipv4 and old is not None and self._repairs_nat(plan):
@@ -264,12 +263,9 @@ class Reconciler:
         that neither exist nor are wanted dropped."""
         rec, want, obs = self.record, computed.desired, computed.observed
         if not computed.selection.held:  # a held mapping keeps the address it came from
-            mapping = mapping_of(computed.selection) if want is not NOTHING else None
-            if mapping is None and rec.mapping is not None and not rec.mapping.ipv4:
-                rec.unnated = True  # DS-Lite gone, its flows still tracked: see _conntrack
-            elif mapping is not None and mapping.ipv4:
-                rec.unnated = False  # our NAT is up, and forgot them
-            rec.mapping = mapping
+            rec.mapping = mapping_of(computed.selection) if want is not NOTHING else None
+            if rec.mapping is not None:  # kept through a teardown: the next NAT method forgets DS-Lite's flows
+                rec.unnated = not rec.mapping.ipv4
         wanted = {t.name for t in want.tunnels}
         rec.tunnels = [n for n in rec.tunnels if n in wanted or n in obs.tunnels]
         # A CE /128 that went with the WAN (a flap, a network manager) and is no longer wanted.

@@ -56,7 +56,7 @@ class Record:
     mapping: AppliedMapping | None = None
     pending_conntrack: list[dict[str, Any]] = field(default_factory=list)
     nft_canonical: dict[str, str] = field(default_factory=dict)
-    unnated: bool = False  # DS-Lite's flows (not NATed by us) may still be tracked: see reconciler._conntrack
+    unnated: bool = False  # the last mapping was DS-Lite's: its flows (not NATed by us) may be tracked
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
