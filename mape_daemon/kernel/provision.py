@@ -182,11 +182,6 @@ ND_ROUTER_SOLICIT, ND_ROUTER_ADVERT, ND_OPT_RDNSS = 133, 134, 25
 ICMP6_FILTER = 1  # the ICMPv6 socket option (netinet/icmp6.h)
 
 
-def rdnss(interface: str, timeout: float = 5.0) -> list[str]:
-    """The recursive DNS servers the line's router announces (see router_dns)."""
-    return router_dns(interface, timeout)[0]
-
-
 def router_dns(interface: str, timeout: float = 5.0) -> tuple[list[str], bool]:
     """The recursive DNS servers the line's router announces (RFC 8106 RDNSS in a router
     advertisement): a Router Solicitation on `interface`, then the first RA that comes within
